@@ -1,0 +1,100 @@
+"""The job configuration: one validated object shared by the CLI, the worker and the API.
+
+Defaults follow the paper (q = 95 %, p = 1, the latest half of the history) and DESIGN.md
+(10-point clean-accuracy budget, fixed-epsilon evaluation of all five attacks on 500 samples).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
+AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
+ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined")
+METHODS = ("dare", "dare_adv") + AT_METHODS + ("auto",)
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused so a typo ("hisotry_fraction") is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class TuneConfig(_Strict):
+    epochs: int = Field(30, ge=1, le=1000, description="passes over the mined set")
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    weight_decay: float = Field(0.0, ge=0)
+    adv_eps: float | None = Field(
+        None, gt=0, le=1, description="DARE-adv: L-inf budget of the PGD examples (default: the dataset's)")
+
+
+class BaselineConfig(_Strict):
+    """Adversarial training (paper 4.2 baselines); a small grid is searched on the validation split."""
+
+    epochs: int = Field(5, ge=1, le=200)
+    lr_grid: list[float] = Field(default_factory=lambda: [1e-3, 3e-4])
+    adv_fraction_grid: list[float] = Field(default_factory=lambda: [0.5])
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_train: int = Field(2000, ge=10, description="training examples used to make adversarial ones")
+
+
+class EvaluationConfig(_Strict):
+    protocol: Literal["fixed_eps", "minimal"] = "fixed_eps"
+    attacks: list[Literal["fgsm", "bim", "pgd", "cw", "jsma"]] = Field(default_factory=lambda: list(ATTACKS))
+    n_samples: int = Field(500, ge=1, le=100000)
+    adaptive: bool = True
+    eps: float | None = Field(None, gt=0, le=1, description="override the dataset's L-inf budget")
+    batch_size: int = Field(250, ge=1, le=8192)
+
+    @field_validator("attacks")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one attack is needed")
+        return list(dict.fromkeys(v))
+
+
+class HardenConfig(_Strict):
+    q: float = Field(0.95, gt=0, le=1, description="fraction of key synapses kept per class and layer")
+    p: int = Field(1, ge=1, le=16, description="parametric layers removed to make M_T")
+    history_fraction: float = Field(0.5, gt=0, le=1, description="latest fraction of checkpoints mined")
+    seed: int = Field(0, ge=0)
+    clean_drop_limit: float = Field(0.10, ge=0, le=1)
+    method: Literal["dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma",
+                    "at_pgd_online", "auto"] = "dare"
+    compare: bool = False
+    dataset: str | None = Field(None, description="embedded dataset name instead of an uploaded .npz")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    webhook_url: str | None = None
+
+
+
+def parse_config(raw: dict | str | None) -> HardenConfig:
+    """Validate a user config; raise ``InputError('invalid_config', ...)`` naming the bad field."""
+    import json
+
+    from pydantic import ValidationError
+
+    from .errors import InputError
+
+    if raw is None or raw == "":
+        return HardenConfig()
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InputError("invalid_config", f"config is not valid JSON: {e}",
+                             'send a JSON object, e.g. {"q": 0.95}') from None
+    if not isinstance(raw, dict):
+        raise InputError("invalid_config", "config must be a JSON object", 'e.g. {"q": 0.95}')
+    try:
+        return HardenConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise InputError("invalid_config", f"config field {loc!r}: {first['msg']}",
+                         "see the configuration table in the README") from None
