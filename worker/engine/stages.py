@@ -21,15 +21,15 @@ from typing import Callable
 
 from .config import HardenConfig
 
-STAGES = ("validate", "slice", "mine", "tune", "export", "evaluate", "compare")
+# compare (only when asked) runs before export: with method "auto" the artifacts come from the
+# method it recommends, and evaluate reuses its attack results instead of attacking twice.
+STAGES = ("validate", "slice", "mine", "tune", "compare", "export", "evaluate")
 
 
 def stage_names(config: HardenConfig) -> list[str]:
     """The stages a job runs, in order (``compare`` only when asked for)."""
-    names = list(STAGES[:-1])
-    if config.compare or config.method == "auto":
-        names.append("compare")
-    return names
+    wanted = config.compare or config.method == "auto"
+    return [s for s in STAGES if s != "compare" or wanted]
 
 
 @dataclass
