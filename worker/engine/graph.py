@@ -162,6 +162,8 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, object | None]:
             return "norm", Norm(node.name, tgt + ".weight" if mod.affine else None,
                                 tgt + ".bias" if mod.affine else None)
         name = type(mod).__name__
+        if name == "OnnxBatchNorm":  # onnx2torch's form when the initializers are graph inputs
+            return "norm", Norm(node.name, _param_key(gm, node.args[1]), _param_key(gm, node.args[2]))
         if isinstance(mod, _MOD_TRANSPARENT) or name in _MOD_TRANSPARENT_NAMES:
             return "transparent", None
         if name in _MOD_SHAPE_NAMES:

@@ -108,15 +108,13 @@ def slice_model(info: GraphInfo, prof: Profile, q: float, p: int) -> SliceResult
     w_syn = {L.node: synapse_weights(state[L.weight_key].detach().float().cpu()) for L in layers}
     out_units = {L.node: w_syn[L.node].shape[0] for L in layers}
 
-    masks: dict[str, torch.Tensor] = {}
-    for L in mt_layers:
-        for key in (L.weight_key, L.bias_key):
-            if key:
-                masks[key] = torch.zeros((K, *state[key].shape), dtype=torch.bool)
-    for nrm in mt_norms:
-        for key in (nrm.weight_key, nrm.bias_key):
-            if key:
-                masks[key] = torch.zeros((K, *state[key].shape), dtype=torch.bool)
+    # Masks exist for trainable tensors only (a converter may hold batch-norm affine terms as
+    # buffers; those stay as they are).
+    trainable = {name for name, _ in gm.named_parameters()}
+    masks: dict[str, torch.Tensor] = {
+        key: torch.zeros((K, *state[key].shape), dtype=torch.bool)
+        for unit in (*mt_layers, *mt_norms) for key in (unit.weight_key, unit.bias_key)
+        if key in trainable}
 
     first_removed = layers[k].node
     cut_units = prof.inp[first_removed].shape[1]
@@ -138,7 +136,7 @@ def slice_model(info: GraphInfo, prof: Profile, q: float, p: int) -> SliceResult
             if L.index < k:
                 w = masks[L.weight_key]
                 w[c] = syn.view(*syn.shape, *([1] * (w.dim() - 3))).expand_as(w[c])
-                if L.bias_key:
+                if L.bias_key in masks:
                     masks[L.bias_key][c] = key_out[L.node]
                 kept += int(syn.sum())
                 total += syn.numel()
@@ -153,7 +151,7 @@ def slice_model(info: GraphInfo, prof: Profile, q: float, p: int) -> SliceResult
             for P in info.producers[nrm.node]:
                 ch |= _expand(key_out[P], ch.numel())
             for key in (nrm.weight_key, nrm.bias_key):
-                if key:
+                if key in masks:
                     masks[key][c] = ch
     stats = {
         "q": q,

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from worker.engine.graph import analyze
+from worker.engine.profiling import profile
+from worker.engine.slicing import full_slice, slice_model, top_fraction
+
+from .tiny import trained
+
+
+@pytest.fixture(scope="module")
+def sliced():
+    gm, _, data = trained()
+    info = analyze(gm)
+    prof = profile(info, data.x_train, data.y_train, 10)
+    return info, prof, slice_model(info, prof, 0.95, 1)
+
+
+def test_profile_overall_mean_is_the_count_weighted_class_mean(sliced):
+    info, prof, _ = sliced
+    _, _, data = trained()
+    counts = torch.bincount(data.y_train, minlength=10).float()
+    for layer in info.layers:
+        m = prof.out[layer.node]
+        assert torch.allclose((m[:10] * counts[:, None]).sum(0) / counts.sum(), m[10], atol=1e-5)
+
+
+def test_masks_cover_every_parameter_of_mt_and_nothing_removed(sliced):
+    info, _, res = sliced
+    assert set(res.masks) == {"c1.weight", "c1.bias", "bn.weight", "bn.bias", "c2.weight", "c2.bias",
+                              "fc1.weight", "fc1.bias"}
+    state = info.gm.state_dict()
+    for k, m in res.masks.items():
+        assert m.shape == (10, *state[k].shape) and m.dtype == torch.bool
+    # a conv synapse is a whole (out, in) kernel slice
+    w = res.masks["c2.weight"]
+    assert torch.equal(w, w[..., :1, :1].expand_as(w))
+
+
+def test_fc1_masks_match_a_direct_evaluation_of_formula_2(sliced):
+    """Loop-free code against a per-synapse loop on the last two layers."""
+    info, prof, res = sliced
+    state = info.gm.state_dict()
+    fc1, fc2 = info.layers[2].node, info.layers[3].node
+    w1, w2 = state["fc1.weight"], state["fc2.weight"]
+    for c in (0, 7):
+        # last layer: CONTRIB of output neuron c is 1
+        contrib2 = torch.zeros_like(w2)
+        for h in range(w2.shape[1]):
+            contrib2[c, h] = 1 * prof.delta_out(fc2, c)[c] * w2[c, h] * prof.delta_in(fc2, c)[h]
+        c_fc1 = torch.sign(contrib2).sum(0)
+        expect = torch.zeros_like(w1)
+        for n in range(w1.shape[0]):
+            for h in range(w1.shape[1]):
+                expect[n, h] = c_fc1[n] * prof.delta_out(fc1, c)[n] * w1[n, h] * prof.delta_in(fc1, c)[h]
+        assert torch.equal(res.masks["fc1.weight"][c], top_fraction(expect, 0.95))
+        assert torch.equal(res.key_units[c], top_fraction(contrib2, 0.95).any(0) | res.masks["fc1.bias"][c])
+
+
+def test_top_fraction_keeps_q_of_the_nonzero_synapses():
+    torch.manual_seed(0)
+    v = torch.randn(50, 40)
+    v[v.abs() < 0.5] = 0
+    nz = int((v != 0).sum())
+    for q in (0.5, 0.9, 0.95, 1.0):
+        m = top_fraction(v, q)
+        assert int(m.sum()) == math.ceil(q * nz)
+        rest = v[(v != 0) & ~m]
+        if rest.numel():
+            assert v[m].min() >= rest.max()  # the largest ones
+    assert not top_fraction(torch.zeros(3, 3), 0.9).any()
+
+
+def test_smaller_q_keeps_fewer_synapses(sliced):
+    info, prof, res = sliced
+    fewer = slice_model(info, prof, 0.75, 1)
+    assert fewer.stats["key_synapse_fraction"] < res.stats["key_synapse_fraction"]
+    for k in res.masks:
+        assert not (fewer.masks[k] & ~res.masks[k]).any(), k  # nested
+
+
+def test_every_class_has_key_neurons_and_different_slices(sliced):
+    _, _, res = sliced
+    assert (res.key_units.sum(1) > 0).all()
+    assert not torch.equal(res.masks["fc1.weight"][0], res.masks["fc1.weight"][1])
+
+
+def test_dare_s_frees_everything(sliced):
+    info, prof, _ = sliced
+    res = full_slice(info, prof, 1)
+    assert all(m.all() for m in res.masks.values()) and res.key_units.all()
