@@ -257,29 +257,38 @@ def _compare(ctx: "StageContext") -> dict:
 
     model, _, splits = load_inputs(ctx)
     tuned_method = "dare" if ctx.config.method == "auto" else ctx.config.method
-    models, infos, seconds = {}, {}, {}
+    models, infos = {}, {}
     n = len(COMPARED)
     for i, method in enumerate(COMPARED):
+        # Each method's model is saved as soon as it exists, so a compare stage that is killed
+        # and re-run (or re-run under another protocol by the benchmark) resumes, not restarts.
+        weights = ctx.path("state", f"method_{method}.safetensors")
+        meta = ctx.path("state", f"method_{method}.json")
+        if weights.exists() and meta.exists():
+            models[method] = _load_into(model.gm, weights)
+            infos[method] = json.loads(meta.read_text())
+            continue
         t0 = time.perf_counter()
-        prog = (lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
         if method == tuned_method:
             models[method] = _load_into(model.gm, ctx.path("state", "tuned.safetensors"))
-            infos[method] = {"reused": "tune stage"}
+            info = {"reused": "tune stage", **stage_done(ctx.workdir, "tune")["summary"]}
         else:
-            models[method], infos[method] = harden(ctx, method, progress=prog)
-        seconds[method] = time.perf_counter() - t0
+            models[method], info = harden(ctx, method,
+                                          progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
+        info = {k: v for k, v in info.items() if _jsonable(v)}
+        info.setdefault("seconds", time.perf_counter() - t0)
+        infos[method] = info
+        _save_state(models[method], weights)
+        meta.write_text(json.dumps(info))
     ev = evaluate(model.gm, models, splits, ctx.config.evaluation, seed=ctx.config.seed,
                   device=ctx.device, progress=lambda f: ctx.progress(0.5 + 0.5 * f),
                   cancelled=ctx.cancelled)
     comp = build_comparison(ev, ctx.config.clean_drop_limit)
     recommended = comp["recommended"] or tuned_method
-    for name, m in models.items():
-        _save_state(m, ctx.path("state", f"method_{name}.safetensors"))
     chosen = recommended if ctx.config.method == "auto" else tuned_method
     (ctx.path("state", "evaluation.json")).write_text(json.dumps(ev))
     return {"recommended": recommended, "chosen": chosen, "methods": list(models),
-            "harden_seconds": seconds,
-            "infos": {k: {kk: vv for kk, vv in v.items() if _jsonable(vv)} for k, v in infos.items()}}
+            "infos": infos}
 
 
 def _chosen(ctx: "StageContext") -> tuple[str, Path]:
