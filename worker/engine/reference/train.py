@@ -1,0 +1,148 @@
+"""Train a reference subject and write everything a DARE job takes as input.
+
+``out_dir`` receives::
+
+    model.pt2         torch.export of the final model (eval mode, dynamic batch)
+    model.onnx        the same model, ONNX opset 17, dynamic batch, initializers named as the
+                      state dict (so one history serves both formats)
+    history/epoch_{k}.safetensors   the state dict after epoch k = 1..epochs
+    history.zip       those files plus manifest.json (arch, dataset, in_shape, num_classes, seed,
+                      and the checkpoints in order): self-describing, like nanoGPT's checkpoints
+    data.npz          the splits it trained on (the upload format)
+
+Run as ``python -m worker.engine.reference.train --arch lenet --dataset digits --epochs 10 --out DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import Splits, load_embedded, save_npz
+from ..export import export_onnx, export_pt2
+from .models import ARCHS, build
+
+DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(1, len(x))
+
+
+def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed: int = 0,
+                    lr: float | None = None, batch_size: int = 64, optimizer: str = "adam",
+                    weight_decay: float = 0.0) -> dict:
+    """Train ``arch`` on ``dataset`` (an embedded name, or ready ``Splits``) and write the files
+    listed in the module docstring. Seeded: the same arguments give bit-identical checkpoints
+    (on the same machine and thread count).
+
+    Returns {"arch", "dataset", "in_shape", "num_classes", "epochs", "seed", "test_accuracy",
+    "val_accuracy", "train_accuracy", "seconds", "model_pt2", "model_onnx", "history_zip",
+    "history_dir", "data_npz", "checkpoints"} (paths as ``Path``).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    hist_dir = out_dir / "history"
+    hist_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_embedded(dataset, seed=seed) if isinstance(dataset, str) else dataset
+    in_shape = tuple(int(d) for d in splits.x_train.shape[1:])
+
+    torch.manual_seed(seed)
+    model = build(arch, in_shape, splits.num_classes)
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = splits.x_train, splits.y_train
+    meta = {"arch": arch, "dataset": splits.name, "in_shape": list(in_shape),
+            "num_classes": splits.num_classes, "seed": seed}
+
+    from safetensors.torch import save_file
+
+    checkpoints = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+                continue  # BatchNorm cannot train on a batch of one
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        name = f"epoch_{epoch}.safetensors"
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                  str(hist_dir / name),
+                  metadata={k: json.dumps(v) for k, v in {**meta, "epoch": epoch}.items()})
+        checkpoints.append({"file": name, "epoch": epoch})
+
+    model.eval()
+    example = splits.x_test[:2].clone()
+    pt2 = out_dir / "model.pt2"
+    export_pt2(model, example, pt2)
+    onnx_path = export_onnx(model, example, out_dir / "model.onnx")
+
+    manifest = {"format": "dare-history", "version": 1, **meta, "checkpoints": checkpoints}
+    hist_zip = out_dir / "history.zip"
+    with zipfile.ZipFile(hist_zip, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+        for c in checkpoints:
+            zf.write(hist_dir / c["file"], arcname=c["file"])
+    data_npz = save_npz(splits, out_dir / "data.npz")
+
+    return {
+        **meta,
+        "in_shape": in_shape,
+        "epochs": epochs,
+        "test_accuracy": accuracy(model, splits.x_test, splits.y_test),
+        "val_accuracy": accuracy(model, splits.x_val, splits.y_val),
+        "train_accuracy": accuracy(model, splits.x_train, splits.y_train),
+        "seconds": time.perf_counter() - t0,
+        "model_pt2": pt2,
+        "model_onnx": onnx_path,
+        "history_zip": hist_zip,
+        "history_dir": hist_dir,
+        "data_npz": data_npz,
+        "checkpoints": [hist_dir / c["file"] for c in checkpoints],
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", choices=ARCHS, default="lenet")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="adam")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    r = train_reference(a.arch, a.dataset, a.epochs, a.out, seed=a.seed, lr=a.lr,
+                        batch_size=a.batch_size, optimizer=a.optimizer)
+    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
+                      if k != "checkpoints"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
