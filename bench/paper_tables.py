@@ -28,10 +28,10 @@ ATTACKS = ("bim", "cw", "fgsm", "jsma", "pgd")
 
 FULL = dict(subjects=[("mlp", "digits"), ("lenet", "digits"), ("vgg", "digits"),
                       ("mlp", "mnist5k"), ("lenet", "mnist5k"), ("vgg", "mnist5k")],
-            epochs={"digits": 20, "mnist5k": 12}, n_samples=300, tune_epochs=30,
+            epochs={"digits": 20, "mnist5k": 12}, n_samples=200, tune_epochs=10,
             baseline_epochs=5, max_train=1500)
 QUICK = dict(subjects=[("mlp", "digits"), ("lenet", "digits")], epochs={"digits": 12},
-             n_samples=100, tune_epochs=20, baseline_epochs=3, max_train=600)
+             n_samples=100, tune_epochs=10, baseline_epochs=3, max_train=600)
 
 
 def _machine() -> str:
@@ -49,10 +49,10 @@ def _machine() -> str:
             f"{torch.get_num_threads()}")
 
 
-def _config(protocol: str, s: dict):
+def _config(protocol: str, s: dict, dataset: str):
     from worker.engine.config import BaselineConfig, EvaluationConfig, HardenConfig, TuneConfig
 
-    return HardenConfig(compare=True, seed=0,
+    return HardenConfig(compare=True, seed=0, dataset=dataset,
                         tune=TuneConfig(epochs=s["tune_epochs"]),
                         baselines=BaselineConfig(epochs=s["baseline_epochs"], max_train=s["max_train"]),
                         evaluation=EvaluationConfig(protocol=protocol, n_samples=s["n_samples"]))
@@ -88,13 +88,14 @@ def run_subject(arch: str, dataset: str, s: dict, root: Path, log) -> dict:
         (wd / "inputs").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ref / "model.pt2", wd / "inputs" / "model.pt2")
         shutil.copyfile(ref / "history.zip", wd / "inputs" / "history.zip")
-        shutil.copyfile(ref / "data.npz", wd / "inputs" / "data.npz")
+        # the embedded dataset by name (the same seeded split the trainer used), so the
+        # attacks use that dataset's stated budgets rather than the upload default
         if fixed is not None:  # same hardened models, new evaluation
             (wd / "state").mkdir(exist_ok=True)
             for f in (fixed / "state").iterdir():
                 if not f.name.startswith(("compare.", "export.", "evaluate.", "evaluation.")):
                     shutil.copyfile(f, wd / "state" / f.name)
-        ctx = StageContext(wd, _config(protocol, s))
+        ctx = StageContext(wd, _config(protocol, s, dataset))
         t1 = time.perf_counter()
         run_all(ctx, on_stage=lambda name, i, n: log(f"    {protocol}: {name}"))
         log(f"  {protocol} done in {time.perf_counter() - t1:.0f}s")
@@ -224,7 +225,7 @@ def render(results: list, s: dict, quick: bool, seconds: float) -> str:
            f"{seconds / 60:.1f} min",
            f"- Settings: subjects {', '.join(f'{a}/{d}' for a, d in s['subjects'])}; reference epochs "
            f"{s['epochs']}; seed 0; q=0.95, p=1, history fraction 0.5; DARE tuning {s['tune_epochs']} "
-           f"epochs (Adam 1e-3); adversarial training {s['baseline_epochs']} epochs on up to "
+           f"epochs (Adam 3e-3); adversarial training {s['baseline_epochs']} epochs on up to "
            f"{s['max_train']} training examples, grid lr in {{1e-3, 3e-4}}, chosen on the validation "
            f"split within the {100 * limit:.0f}-point clean budget; {s['n_samples']} test samples per "
            "attack; attack parameters are in each job's report.json (worker/engine/attacks/budgets.py)",

@@ -21,8 +21,10 @@ class _Strict(BaseModel):
 
 
 class TuneConfig(_Strict):
-    epochs: int = Field(30, ge=1, le=1000, description="passes over the mined set")
-    lr: float = Field(1e-3, gt=0, le=1.0)
+    # A pilot on lenet/digits (bench/results/paper_tables.md has the settings): 10 epochs at 3e-3
+    # reach the robustness of 30 at 1e-3 in a third of the time; 1e-2 costs clean accuracy.
+    epochs: int = Field(10, ge=1, le=1000, description="passes over the mined set")
+    lr: float = Field(3e-3, gt=0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     weight_decay: float = Field(0.0, ge=0)
     adv_eps: float | None = Field(
