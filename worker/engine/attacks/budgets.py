@@ -16,8 +16,9 @@ pixel intensity and datasets quantise intensity differently:
 Step sizes: ``alpha = eps / 4`` for BIM (10 steps) and PGD (40 steps, random start), so both can
 walk the whole ball and back; 40 PGD steps at eps/4 is enough for undefended models (Madry et al.
 used 40 steps of 2.5 * eps / 40 on MNIST). C&W L2 and JSMA do not take an L-inf radius; they run
-with stated parameters (C&W: c = 1, kappa = 0, 100 Adam steps of lr 0.01, as torchattacks'
-defaults but with more steps; JSMA: theta = +1, gamma = 0.1, as in Papernot et al. and
+with stated parameters (C&W: c = 1, kappa = 0, 100 Adam steps of lr 0.1 — torchattacks'
+default lr 0.01 leaves an MNIST LeNet at 76 % accuracy after 100 steps, lr 0.1 at 33 %, and a
+weak attack would flatter every defence; JSMA: theta = +1, gamma = 0.1, as in Papernot et al. and
 cleverhans/ART).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ LINF_ATTACKS = ("fgsm", "bim", "pgd")
 
 BIM = {"steps": 10}
 PGD = {"steps": 40, "random_start": True, "seed": 0}
-CW = {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01, "binary_search_steps": 1}
+CW = {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.1, "binary_search_steps": 1}
 JSMA = {"theta": 1.0, "gamma": 0.1, "target": "random", "seed": 0}
 
 

@@ -9,7 +9,10 @@ C*H*W features), every iteration picks, among features still in the search domai
 ``(p, q)`` that maximises ``alpha * |beta|`` with ``alpha = s*(g_t[p] + g_t[q]) > 0`` and
 ``beta = s*(g_o[p] + g_o[q]) < 0`` (formula 10 of the paper), adds ``theta`` to both (clipped to
 [0, 1]) and removes them from the domain. The domain starts as the features that can still move
-in the direction of ``theta``. An image stops when the model predicts ``t``, when no admissible
+by more than 0.01 in the direction of ``theta`` (cleverhans: any amount; torchattacks: 0.01 as
+here). On MNIST the saliency map otherwise spends pairs on pixels at 253/255 or 254/255, which
+can only gain 1/255: on a LeNet that lowered the success rate from 0.57 to 0.47 (30 images).
+An image stops when the model predicts ``t``, when no admissible
 pair is left, or after ``floor(gamma * n / 2)`` pairs, so at most ``gamma * n`` features change.
 
 Batched: the whole mini-batch advances together on its device, images drop out as they finish.
@@ -24,7 +27,8 @@ member p outside that candidate set has ``s*g_t[p] <= a_k`` and ``-s*g_o[p] <= c
 its score is at most ``max_q (a_k + a_q)(c_k + c_q)``, a bound computed in O(n). Where the bound
 does not beat the candidate optimum, the answer is exact; elsewhere k grows (8, 32, 128, ...,
 then all n features, in image chunks that bound memory). The worst case stays quadratic in n,
-as in the paper; on MNIST the first round settles nearly every image.
+as in the paper. On MNIST (LeNet, 500 images) 40 % of the searches end at k = 8, 56 % at k = 32,
+4 % at k = 128, none needs all 784 features.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 from .base import Attack, AttackParamError, check_choice, check_float, check_int
 
 TARGETS = ("random", "next")
+_MIN_MOVE = 0.01  # a feature enters the search domain only if it can change by more than this
 _K_START = 8  # candidates per list in the first round; each further round takes 4x more
 _PAIR_ELEMS = 1 << 22  # pair-matrix elements per chunk in the exhaustive search (16 MiB per float tensor)
 
@@ -86,7 +91,7 @@ class JSMA(Attack):
         max_pairs = int(nf * self.gamma) // 2
         s = 1.0 if self.theta > 0 else -1.0
         xf = x.reshape(n_img, nf).clone()
-        domain = xf < 0.99 if s > 0 else xf > 0
+        domain = xf < 1 - _MIN_MOVE if s > 0 else xf > _MIN_MOVE
         active = torch.arange(n_img, device=x.device)
         for _ in range(max_pairs):
             if active.numel() == 0:

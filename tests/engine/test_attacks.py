@@ -1,0 +1,462 @@
+"""Properties of the attacks package on a tiny CNN trained on scikit-learn's 8x8 digits (CPU).
+
+The model has BatchNorm and Dropout so that attacking in the wrong mode would show.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+from torch import nn
+
+from worker.engine.attacks import (
+    ATTACK_NAMES, AttackParamError, default_params, make_attack, minimal_attack, minimal_linf, predict,
+)
+from worker.engine.attacks.jsma import JSMA, best_pairs
+from worker.engine.errors import InputError
+
+N_TEST = 200
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(16 * 16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[perm], y[perm]
+
+
+def _train(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TinyCNN(num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), 64):
+            i = order[s:s + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    x, y = _digits()
+    n_train = len(y) - N_TEST
+    model = _train(x[:n_train], y[:n_train], 10, epochs=8)
+    return {"model": model, "x": x[n_train:], "y": y[n_train:], "x_train": x[:n_train], "y_train": y[:n_train]}
+
+
+@pytest.fixture(scope="module")
+def adv(data: dict) -> dict:
+    """The fixed_eps attacks with the digits defaults, run once."""
+    return {name: make_attack(name, data["model"], "digits")(data["x"], data["y"]) for name in ATTACK_NAMES}
+
+
+def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (predict(model, x) == y).float().mean().item()
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- budgets and ranges
+
+def test_fixture_model_is_accurate(data: dict) -> None:
+    assert _acc(data["model"], data["x"], data["y"]) > 0.9
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_output_shape_dtype_range(name: str, data: dict, adv: dict) -> None:
+    x_adv = adv[name]
+    assert x_adv.shape == data["x"].shape and x_adv.dtype == data["x"].dtype
+    assert not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, data["x"])
+
+
+@pytest.mark.parametrize("name", ["fgsm", "bim", "pgd"])
+def test_linf_budget_at_defaults(name: str, data: dict, adv: dict) -> None:
+    linf = (adv[name] - data["x"]).abs().amax()
+    assert linf <= 0.1 + 1e-6
+    assert linf >= 0.1 - 1e-6  # the budget is actually used
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["fgsm", "bim", "pgd"]), eps=st.floats(0.005, 0.6), start=st.integers(0, N_TEST - 16))
+def test_linf_budget_property(data: dict, name: str, eps: float, start: int) -> None:
+    x, y = data["x"][start:start + 16], data["y"][start:start + 16]
+    x_adv = make_attack(name, data["model"], "digits", eps=eps, steps=5) if name != "fgsm" else \
+        make_attack(name, data["model"], "digits", eps=eps)
+    out = x_adv(x, y)
+    assert (out - x).abs().amax() <= eps + 1e-6
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_attacks_drop_accuracy_well_below_clean(name: str, data: dict, adv: dict) -> None:
+    clean = _acc(data["model"], data["x"], data["y"])
+    robust = _acc(data["model"], adv[name], data["y"])
+    # Pinned on this seed (clean 0.98): FGSM 0.62, BIM 0.50, PGD 0.485, C&W 0.075, and JSMA, a
+    # targeted attack allowed 6 of the 64 pixels, 0.85.
+    needed = {"fgsm": 0.25, "bim": 0.35, "pgd": 0.35, "cw": 0.8, "jsma": 0.08}[name]
+    assert robust <= clean - needed, (clean, robust)
+
+
+def test_iterative_attacks_at_least_as_strong_as_fgsm(data: dict, adv: dict) -> None:
+    acc = {n: _acc(data["model"], adv[n], data["y"]) for n in ("fgsm", "bim", "pgd")}
+    assert acc["bim"] <= acc["fgsm"] + 0.01 and acc["pgd"] <= acc["fgsm"] + 0.01, acc
+
+
+def test_pgd_more_steps_not_weaker(data: dict) -> None:
+    m, x, y = data["model"], data["x"], data["y"]
+    acc = {s: _acc(m, make_attack("pgd", m, "digits", steps=s)(x, y), y) for s in (5, 40)}
+    assert acc[40] <= acc[5] + 0.01, acc
+
+
+def test_accuracy_falls_as_eps_grows(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:100], data["y"][:100]
+    accs = [_acc(m, make_attack("pgd", m, eps=e, steps=10)(x, y), y) for e in (0.05, 0.1, 0.2, 0.4)]
+    assert all(b <= a + 0.02 for a, b in zip(accs, accs[1:])), accs
+    assert accs[-1] <= 0.05, accs
+
+
+def test_cw_returns_clean_input_where_it_fails_and_reports_l2(data: dict, adv: dict) -> None:
+    m, x, y = data["model"], data["x"], data["y"]
+    x_adv = adv["cw"]
+    fooled = predict(m, x_adv) != y
+    assert torch.equal(x_adv[~fooled], x[~fooled])
+    # L2 attack: the perturbation of fooled samples is small in L2 though not bounded in L-inf
+    l2 = (x_adv - x)[fooled].flatten(1).norm(dim=1)
+    assert 0 < l2.median() < 2.0
+
+
+# --------------------------------------------------------------------------- JSMA
+
+def test_jsma_feature_budget_and_direction(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:80], data["y"][:80]
+    n_feat = x[0].numel()
+    for gamma in (0.1, 0.25):
+        for theta in (1.0, -1.0):
+            out = JSMA(m, theta=theta, gamma=gamma)(x, y)
+            changed = (out != x).flatten(1).sum(1)
+            assert changed.max() <= math.ceil(gamma * n_feat)
+            assert changed.max() == 2 * (int(gamma * n_feat) // 2)  # some image uses the whole budget
+            d = (out - x).flatten()
+            assert (d >= 0).all() if theta > 0 else (d <= 0).all()
+
+
+def test_jsma_skips_features_that_can_barely_move(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:40].clone(), data["y"][:40]
+    x[:, :, 2:6, 2:6] = 0.995  # the digit's centre: where the saliency map would look first
+    out = JSMA(m, gamma=0.25)(x, y)
+    assert torch.equal(out[:, :, 2:6, 2:6], x[:, :, 2:6, 2:6])
+    assert (out != x).any()
+
+
+def _reference_jsma(model: nn.Module, x: torch.Tensor, t: int, theta: float, gamma: float) -> torch.Tensor:
+    """Papernot et al.'s Algorithm 3 as in cleverhans (with torchattacks' 0.01 search-domain
+    margin), one image, full Jacobian (one backward per class), full pair matrix: the slow
+    definition the batched version must reproduce."""
+    shape, nf = x.shape, x.numel()
+    xf = x.flatten().clone()
+    dom = xf < 0.99 if theta > 0 else xf > 0.01
+    s = 1.0 if theta > 0 else -1.0
+    for _ in range(int(nf * gamma) // 2):
+        xi = xf.clone().requires_grad_(True)
+        z = model(xi.view(1, *shape))[0]
+        if z.argmax() == t:
+            break
+        jac = torch.stack([torch.autograd.grad(z[k], xi, retain_graph=True)[0] for k in range(z.numel())])
+        g_t, g_o = jac[t], jac.sum(0) - jac[t]
+        alpha = s * (g_t[:, None] + g_t[None, :])
+        beta = s * (g_o[:, None] + g_o[None, :])
+        ok = (alpha > 0) & (beta < 0) & dom[:, None] & dom[None, :] & ~torch.eye(nf, dtype=torch.bool)
+        sal = torch.where(ok, alpha * beta.abs(), torch.zeros_like(alpha))
+        if sal.max() <= 0:
+            break
+        p, q = divmod(int(sal.argmax()), nf)
+        for f in (p, q):
+            xf[f] = (xf[f] + theta).clamp(0, 1)
+            dom[f] = False
+    return xf.view(shape)
+
+
+@pytest.mark.parametrize("theta", [1.0, -1.0])
+def test_jsma_batched_equals_reference(data: dict, theta: float) -> None:
+    # float64 so that rounding cannot break near-ties between pairs differently in the two versions
+    m = copy.deepcopy(data["model"]).double().eval()
+    x, y = data["x"][:12].double(), data["y"][:12]
+    atk = JSMA(m, theta=theta, gamma=0.25, target="random", seed=3)
+    t = atk.targets(y, 10)
+    got = atk(x, y)
+    want = torch.stack([_reference_jsma(m, x[i], int(t[i]), theta, 0.25) for i in range(len(y))])
+    assert torch.equal(got, want)
+    assert (got != x).any()
+
+
+def test_jsma_result_does_not_depend_on_batch_size(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:40], data["y"][:40]
+    assert torch.equal(JSMA(m, batch_size=7)(x, y), JSMA(m, batch_size=250)(x, y))
+
+
+def test_jsma_stops_at_target_or_budget(data: dict) -> None:
+    m, x, y = data["model"], data["x"], data["y"]
+    atk = JSMA(m, gamma=0.25)
+    t = atk.targets(y, 10)
+    assert (t != y).all() and t.min() >= 0 and t.max() < 10
+    out = atk(x, y)
+    hit = predict(m, out) == t
+    changed = (out != x).flatten(1).sum(1)
+    budget = 2 * (int(0.25 * 64) // 2)
+    assert hit.float().mean() > 0.2  # ~0.29 on this seed: a targeted L0 attack on 16 of 64 pixels
+    assert ((hit & (changed <= budget)) | (changed == budget)).float().mean() >= 0.97
+
+
+@pytest.mark.parametrize("num_classes", [3, 12])
+def test_jsma_any_number_of_classes(data: dict, num_classes: int) -> None:
+    keep = data["y_train"] < min(num_classes, 10)
+    m = _train(data["x_train"][keep], data["y_train"][keep], num_classes, epochs=4)
+    sel = data["y"] < min(num_classes, 10)
+    x, y = data["x"][sel][:60], data["y"][sel][:60]
+    for target in ("random", "next"):
+        atk = JSMA(m, gamma=0.3, target=target)
+        t = atk.targets(y, num_classes)
+        assert (t != y).all() and t.max() < num_classes
+        if target == "next":
+            assert torch.equal(t, (y + 1) % num_classes)
+        out = atk(x, y)
+        assert ((out != x).flatten(1).sum(1) <= math.ceil(0.3 * 64)).all()
+        hit = predict(m, out) == t
+        assert hit.float().mean() > 0.2, (num_classes, target, hit.float().mean())
+
+
+def _brute_pairs(a: torch.Tensor, c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    sa, sc = a[:, :, None] + a[:, None, :], c[:, :, None] + c[:, None, :]
+    n = a.shape[1]
+    ok = (sa > 0) & (sc > 0) & valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool)
+    return torch.where(ok, sa * sc, torch.zeros_like(sa)).flatten(1).amax(1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 300), rows=st.integers(1, 4), seed=st.integers(0, 2**16), shift=st.floats(-2, 2),
+       corr=st.floats(-1, 1), p_valid=st.floats(0.05, 1.0))
+def test_best_pairs_is_exact(n: int, rows: int, seed: int, shift: float, corr: float, p_valid: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, n, generator=g, dtype=torch.float64) + shift
+    c = corr * a + torch.randn(rows, n, generator=g, dtype=torch.float64)
+    valid = torch.rand(rows, n, generator=g) < p_valid
+    p, q, found = best_pairs(a, c, valid)
+    want = _brute_pairs(a, c, valid)
+    assert torch.equal(found, want > 0)
+    r = torch.arange(rows)
+    got = (a[r, p] + a[r, q]) * (c[r, p] + c[r, q])
+    assert torch.allclose(got[found], want[found], rtol=1e-12, atol=0)
+    assert (p[found] != q[found]).all() and valid[r, p][found].all() and valid[r, q][found].all()
+
+
+# --------------------------------------------------------------------------- the model is left alone
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_model_parameters_grads_and_mode_untouched(name: str, data: dict) -> None:
+    m = copy.deepcopy(data["model"])
+    x, y = data["x"][:24], data["y"][:24]
+    params = list(m.parameters())
+    for i, p in enumerate(params):
+        p.grad = None if i % 2 else torch.full_like(p, 0.5)
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    before = _state(m)
+    m.train()
+    m.head[0].eval()  # mixed flags must come back exactly
+    flags = [mod.training for mod in m.modules()]
+    atk = make_attack(name, m, "digits", **({"steps": 5} if name in ("bim", "pgd", "cw") else {}))
+    out_train_mode = atk(x, y)
+    assert [mod.training for mod in m.modules()] == flags
+    for p, g in zip(params, grads):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    assert all(torch.equal(v, _state(m)[k]) for k, v in before.items())  # BN running stats included
+    # The attack ran in eval mode: with dropout and batch statistics on, the result would differ.
+    m.eval()
+    assert torch.equal(atk(x, y), out_train_mode)
+
+
+def test_minimal_protocol_leaves_model_alone(data: dict) -> None:
+    m = copy.deepcopy(data["model"]).train()
+    before = _state(m)
+    minimal_attack("fgsm", m, data["x"][:10], data["y"][:10])
+    assert m.training and m.head[0].training
+    assert all(p.grad is None for p in m.parameters())
+    assert all(torch.equal(v, _state(m)[k]) for k, v in before.items())
+
+
+def test_attacks_work_under_no_grad_and_inference_mode(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:16], data["y"][:16]
+    ref = make_attack("fgsm", m, "digits")(x, y)
+    with torch.no_grad():
+        assert torch.equal(make_attack("fgsm", m, "digits")(x, y), ref)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+    assert torch.equal(make_attack("fgsm", m, "digits")(xi, yi), ref)
+
+
+def test_exported_graph_module(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:16], data["y"][:16]
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    gm = torch.export.export(m, (x[:2],), dynamic_shapes=({0: batch},)).module()
+    with pytest.raises(NotImplementedError):
+        gm.eval()  # why the base class must not insist on switching modes
+    for name in ("fgsm", "jsma"):
+        assert torch.allclose(make_attack(name, gm, "digits")(x, y), make_attack(name, m, "digits")(x, y), atol=1e-5)
+
+
+def test_pgd_is_seeded_and_leaves_global_rng_alone(data: dict) -> None:
+    m, x, y = data["model"], data["x"][:16], data["y"][:16]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = make_attack("pgd", m, "digits", steps=3)(x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(make_attack("pgd", m, "digits", steps=3)(x, y), a)
+    assert not torch.equal(make_attack("pgd", m, "digits", steps=3, seed=1)(x, y), a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_cuda(name: str, data: dict) -> None:
+    m = copy.deepcopy(data["model"]).cuda()
+    x, y = data["x"][:32].cuda(), data["y"][:32].cuda()
+    out = make_attack(name, m, "digits")(x, y)
+    assert out.device == x.device and out.min() >= 0 and out.max() <= 1
+    cpu = make_attack(name, data["model"], "digits")(data["x"][:32], data["y"][:32])
+    if name in ("fgsm", "bim", "jsma"):  # deterministic: the devices should mostly agree
+        assert (out.cpu() - cpu).abs().amax(dim=(1, 2, 3)).le(1e-4).float().mean() > 0.8
+
+
+# --------------------------------------------------------------------------- minimal protocol
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_minimal_success_means_misclassified(name: str, data: dict) -> None:
+    m, x, y = data["model"], data["x"][:30], data["y"][:30]
+    x_adv, ok = minimal_attack(name, m, x, y)
+    assert x_adv.shape == x.shape and ok.dtype == torch.bool and ok.shape == y.shape
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.equal(ok, predict(m, x_adv) != y)
+    assert ok.float().mean() > {"jsma": 0.1}.get(name, 0.8)  # JSMA: 0.2 on this seed (6 of 64 pixels)
+
+
+def test_minimal_fgsm_eps_not_above_fixed(data: dict, adv: dict) -> None:
+    m, x, y = data["model"], data["x"], data["y"]
+    fixed_ok = predict(m, adv["fgsm"]) != y
+    x_min, ok, eps = minimal_linf("fgsm", m, x, y)
+    assert ok[fixed_ok].all()  # every sample FGSM flips at 0.1 is found at some eps <= 0.1
+    linf = (x_min - x).abs().flatten(1).amax(1)
+    assert (linf[fixed_ok] <= 0.1 + 1e-6).all() and (eps[fixed_ok] <= 0.1 + 1e-9).all()
+    assert (linf[ok] <= eps[ok] + 1e-6).all()
+    assert (linf[fixed_ok] < 0.1 - 1e-3).any()  # and it is minimal, not the fixed budget again
+    assert torch.equal(x_min[~ok], x[~ok])
+
+
+def test_minimal_cw_not_larger_than_fixed(data: dict, adv: dict) -> None:
+    m, x, y = data["model"], data["x"][:40], data["y"][:40]
+    fixed = adv["cw"][:40]
+    fixed_ok = predict(m, fixed) != y
+    x_min, ok = minimal_attack("cw", m, x, y)
+    assert ok[fixed_ok].all()
+    l2_fixed = (fixed - x).flatten(1).norm(dim=1)
+    l2_min = (x_min - x).flatten(1).norm(dim=1)
+    assert (l2_min[fixed_ok] <= l2_fixed[fixed_ok] + 1e-5).all()
+    assert (l2_min[fixed_ok] < l2_fixed[fixed_ok] - 1e-3).any()  # the search over c does something
+
+
+# --------------------------------------------------------------------------- parameters
+
+def test_default_params_per_dataset() -> None:
+    assert default_params("fgsm", "digits") == {"eps": 0.1}
+    assert default_params("pgd", "mnist5k") == {"eps": 0.1, "alpha": 0.025, "steps": 40, "random_start": True,
+                                                "seed": 0}
+    assert default_params("bim", None)["eps"] == pytest.approx(8 / 255)
+    assert default_params("bim", "upload")["alpha"] == pytest.approx(2 / 255)
+    assert default_params("cw", "digits") == {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.1,
+                                              "binary_search_steps": 1}
+    assert default_params("jsma", None) == {"theta": 1.0, "gamma": 0.1, "target": "random", "seed": 0}
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_params_are_json_and_rebuild_the_attack(name: str, data: dict) -> None:
+    atk = make_attack(name, data["model"], "digits")
+    params = atk.params()
+    assert json.loads(json.dumps(params)) == params
+    assert params == default_params(name, "digits")
+    assert make_attack(name, data["model"], **params).params() == params
+
+
+def test_eps_override_scales_alpha_unless_given(data: dict) -> None:
+    m = data["model"]
+    assert make_attack("pgd", m, "digits", eps=0.2).params()["alpha"] == pytest.approx(0.05)
+    assert make_attack("bim", m, "digits", eps=0.2, alpha=0.01).params() == {"eps": 0.2, "alpha": 0.01, "steps": 10}
+    assert make_attack("fgsm", m, "digits", eps=0.3).params() == {"eps": 0.3}
+    assert make_attack("cw", m, "digits", eps=0.3).params() == default_params("cw", "digits")  # no L-inf radius
+
+
+@pytest.mark.parametrize(("name", "overrides", "param"), [
+    ("pgd", {"epsilon": 0.1}, "epsilon"),
+    ("fgsm", {"steps": 3}, "steps"),
+    ("pgd", {"eps": -0.1}, "eps"),
+    ("pgd", {"eps": 1.5}, "eps"),
+    ("bim", {"eps": "0.1"}, "eps"),
+    ("pgd", {"steps": 0}, "steps"),
+    ("bim", {"steps": 2.5}, "steps"),
+    ("pgd", {"alpha": 0}, "alpha"),
+    ("pgd", {"random_start": "yes"}, "random_start"),
+    ("cw", {"c": 0}, "c"),
+    ("cw", {"kappa": -1}, "kappa"),
+    ("cw", {"lr": float("nan")}, "lr"),
+    ("cw", {"binary_search_steps": 0}, "binary_search_steps"),
+    ("jsma", {"gamma": 0}, "gamma"),
+    ("jsma", {"gamma": 1.5}, "gamma"),
+    ("jsma", {"theta": 0}, "theta"),
+    ("jsma", {"target": "least_likely"}, "target"),
+    ("jsma", {"batch_size": 0}, "batch_size"),
+    ("deepfool", {}, "name"),
+])
+def test_bad_parameters_raise_naming_them(data: dict, name: str, overrides: dict, param: str) -> None:
+    with pytest.raises(AttackParamError) as err:
+        make_attack(name, data["model"], "digits", **overrides)
+    assert err.value.param == param
+    assert repr(param) in str(err.value) or param in str(err.value)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, InputError)
+
+
+def test_bad_inputs_raise(data: dict) -> None:
+    atk = make_attack("fgsm", data["model"], "digits")
+    x, y = data["x"][:4], data["y"][:4]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        atk(x * 255, y)
+    with pytest.raises(ValueError, match="y must be"):
+        atk(x, y[:3])
+    with pytest.raises(ValueError, match="x must be"):
+        atk(x[0], y)
+    with pytest.raises(AttackParamError, match="model"):
+        make_attack("fgsm", object(), "digits")  # type: ignore[arg-type]
+    assert atk(x[:0], y[:0]).shape == (0, 1, 8, 8)
