@@ -1,0 +1,87 @@
+"""The whole engine through its stage runner and the ``dare harden`` command line."""
+import json
+import shutil
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from worker.cli import main as cli
+from worker.engine.config import parse_config
+from worker.engine.reference.train import train_reference
+from worker.engine.stages import StageContext, run_stage, stage_names
+
+SMALL = {"evaluation": {"n_samples": 40, "attacks": ["fgsm", "pgd", "jsma"]},
+         "tune": {"epochs": 3}, "baselines": {"epochs": 1, "max_train": 100, "lr_grid": [1e-3]}}
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    out = tmp_path_factory.mktemp("subject")
+    train_reference("mlp", "digits", 6, out, seed=0)
+    return out
+
+
+def _job(tmp_path, subject, fmt="pt2"):
+    (tmp_path / "inputs").mkdir(parents=True)
+    shutil.copyfile(subject / f"model.{fmt}", tmp_path / "inputs" / f"model.{fmt}")
+    shutil.copyfile(subject / "history.zip", tmp_path / "inputs" / "history.zip")
+    return tmp_path
+
+
+def test_cli_harden_writes_every_artifact_of_the_contract(subject, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli(["harden", "--model", str(subject / "model.onnx"), "--history", str(subject / "history.zip"),
+              "--dataset", "digits", "--out", str(out), "--config", json.dumps(SMALL)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["artifacts"]) == {"hardened.onnx", "hardened.safetensors", "report.json", "report.html"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert set(report["attacks"]) == {"fgsm", "pgd", "jsma"}
+    assert report["clean_accuracy"]["within_budget"] is True
+    assert report["mining"]["mined"] > 0 and 0 < report["slicing"]["key_synapse_fraction"] < 1
+    assert {"slice", "mine", "tune", "evaluate"} <= set(report["timings_s"])
+    # the hardened ONNX runs in onnxruntime and is not the original
+    x = torch.rand(4, 1, 8, 8).numpy()
+    sess = ort.InferenceSession(str(out / "hardened.onnx"))
+    orig = ort.InferenceSession(str(subject / "model.onnx"))
+    a = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    b = orig.run(None, {orig.get_inputs()[0].name: x})[0]
+    assert a.shape == (4, 10) and abs(a - b).max() > 0
+
+
+def test_cli_refuses_bad_input_with_a_code(subject, tmp_path, capsys):
+    rc = cli(["harden", "--model", str(subject / "model.pt2"), "--history", str(subject / "history.zip"),
+              "--dataset", "digits", "--out", str(tmp_path), "--config", '{"q": "lots"}'])
+    assert rc == 2
+    assert "invalid_config" in capsys.readouterr().err
+
+
+def test_a_finished_stage_is_not_run_again(subject, tmp_path):
+    wd = _job(tmp_path, subject)
+    ctx = StageContext(wd, parse_config({**SMALL, "dataset": "digits"}))
+    for name in ("validate", "slice", "mine", "tune"):
+        first = run_stage(name, ctx)
+    tuned = (wd / "state" / "tuned.safetensors").read_bytes()
+    mtime = (wd / "state" / "tuned.safetensors").stat().st_mtime_ns
+    assert run_stage("tune", ctx) == first
+    assert (wd / "state" / "tuned.safetensors").stat().st_mtime_ns == mtime
+    assert (wd / "state" / "tuned.safetensors").read_bytes() == tuned
+
+
+def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
+    wd = _job(tmp_path, subject)
+    cfg = parse_config({**SMALL, "dataset": "digits", "method": "auto",
+                        "evaluation": {"n_samples": 30, "attacks": ["fgsm", "pgd"]}})
+    assert stage_names(cfg) == ["validate", "slice", "mine", "tune", "compare", "export", "evaluate"]
+    ctx = StageContext(wd, cfg)
+    for name in stage_names(cfg):
+        run_stage(name, ctx)
+    report = json.loads((wd / "artifacts" / "report.json").read_text())
+    comp = report["comparison"]
+    assert {"dare", "dare_adv", "at_fgsm", "at_pgd_online", "dare_s", "dare_sl", "dare_rand",
+            "finetune_mined"} <= set(comp["methods"])
+    assert report["method"] == comp["recommended"]
+    best = max(m["mean_adaptive_accuracy"] for m in comp["methods"].values() if m["within_budget"])
+    assert comp["methods"][comp["recommended"]]["mean_adaptive_accuracy"] == best
