@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+EMBEDDED = ("digits", "mnist5k")  # datasets shipped inside installed packages
 ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
 AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
 ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined")
@@ -100,3 +101,15 @@ def parse_config(raw: dict | str | None) -> HardenConfig:
         loc = ".".join(str(x) for x in first["loc"])
         raise InputError("invalid_config", f"config field {loc!r}: {first['msg']}",
                          "see the configuration table in the README") from None
+
+
+# The job's stages live here, not in stages.py, so the API can plan a job without importing torch.
+# compare (only when asked) runs before export: with method "auto" the artifacts come from the
+# method it recommends, and evaluate reuses its attack results instead of attacking twice.
+STAGES = ("validate", "slice", "mine", "tune", "compare", "export", "evaluate")
+
+
+def stage_names(config: HardenConfig) -> list[str]:
+    """The stages a job runs, in order (``compare`` only when asked for)."""
+    wanted = config.compare or config.method == "auto"
+    return [s for s in STAGES if s != "compare" or wanted]

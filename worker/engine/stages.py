@@ -24,19 +24,8 @@ from typing import Callable
 
 import torch
 
-from .config import HardenConfig
+from .config import STAGES, HardenConfig, stage_names  # noqa: F401 (re-exported)
 from .errors import InputError
-
-# compare (only when asked) runs before export: with method "auto" the artifacts come from the
-# method it recommends, and evaluate reuses its attack results instead of attacking twice.
-STAGES = ("validate", "slice", "mine", "tune", "compare", "export", "evaluate")
-
-
-def stage_names(config: HardenConfig) -> list[str]:
-    """The stages a job runs, in order (``compare`` only when asked for)."""
-    wanted = config.compare or config.method == "auto"
-    return [s for s in STAGES if s != "compare" or wanted]
-
 
 @dataclass
 class StageContext:

@@ -1,0 +1,32 @@
+# make demo   install, train a reference subject, run it through `dare serve` over REST
+# make test   the whole test suite (PostgreSQL and Redis must be running: see .ci/run)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DARE   := $(VENV)/bin/dare
+PORT   ?= 8000
+DEMO   ?= demo-out
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test serve
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(DEMO)/subject/model.onnx: | install
+	$(DARE) train-reference --arch lenet --dataset digits --epochs 10 --out $(DEMO)/subject
+
+demo: install $(DEMO)/subject/model.onnx
+	$(PY) -m service.demo --subject $(DEMO)/subject --out $(DEMO) --port $(PORT)
+
+# pytest's exit code 5 (no test collected) is a failure here, not a pass.
+test: install
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+serve: install
+	$(DARE) serve --port $(PORT)

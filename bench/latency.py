@@ -1,0 +1,181 @@
+"""Time from `POST /v1/jobs` to the worker starting the job's first stage.
+
+Two set-ups, each started fresh in a scratch directory:
+
+- embedded: `dare serve` (SQLite, kombu's filesystem transport);
+- redis:    `dare api` + a Celery worker process (`dare worker`'s command) on Redis (db 6, flushed)
+            and PostgreSQL (a scratch database, dropped at the end).
+
+For each of N submissions of a real subject, the latency is the `stage_started` event's time
+minus the job's `created_at` (both stamped by the service, so no client clock is involved), plus
+the client's view: POST round trip. After each measurement the job is cancelled and the next one
+waits for the worker to be free. Prints a table.
+
+    python -m bench.latency [--n 5] [--subject demo-out/subject] [--modes embedded,redis]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+DARE = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())"]
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/6"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"a service process exited with {p.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the service did not become ready")
+
+
+def ensure_subject(path: Path) -> Path:
+    if (path / "model.onnx").is_file():
+        return path
+    print(f"training a reference subject into {path} ...", flush=True)
+    subprocess.run([*DARE, "train-reference", "--arch", "lenet", "--dataset", "digits",
+                    "--epochs", "10", "--out", str(path)], check=True, capture_output=True)
+    return path
+
+
+def measure(base: str, subject: Path, n: int) -> list[tuple[float, float]]:
+    """n + 1 submissions; the first (a cold worker finishing its imports) is returned first."""
+    out = []
+    for _ in range(n + 1):
+        t0 = time.perf_counter()
+        with (subject / "model.onnx").open("rb") as m, (subject / "history.zip").open("rb") as h:
+            r = httpx.post(f"{base}/v1/jobs", files={"model": ("model.onnx", m),
+                                                     "history": ("history.zip", h)},
+                           data={"dataset": "digits"}, timeout=60)
+        post_s = time.perf_counter() - t0
+        assert r.status_code == 202, r.text
+        job = r.json()
+        created = datetime.fromisoformat(job["created_at"])
+        started = None
+        deadline = time.monotonic() + 120
+        while started is None and time.monotonic() < deadline:
+            for e in httpx.get(f"{base}{job['urls']['events']}").json()["items"]:
+                if e["kind"] == "stage_started":
+                    started = datetime.fromisoformat(e["at"])
+                    break
+            else:
+                time.sleep(0.02)
+        assert started is not None, "the first stage never started"
+        out.append((post_s, (started - created).total_seconds()))
+        httpx.post(f"{base}{job['urls']['cancel']}")
+        while httpx.get(f"{base}{job['urls']['self']}").json()["status"] not in (
+                "cancelled", "failed", "succeeded"):
+            time.sleep(0.1)
+        time.sleep(0.5)  # let the worker go idle: measure a waiting worker, as a new job meets it
+    return out
+
+
+def run_embedded(subject: Path, n: int, scratch: Path) -> list[tuple[float, float]]:
+    port = free_port()
+    log = (scratch / "serve.log").open("wb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    serve = subprocess.Popen([*DARE, "serve", "--port", str(port), "--home", str(scratch / "var")],
+                             env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, [serve])
+        return measure(base, subject, n)
+    finally:
+        serve.terminate()
+        serve.wait(40)
+        log.close()
+
+
+def run_redis(subject: Path, n: int, scratch: Path) -> list[tuple[float, float]]:
+    import redis
+    from sqlalchemy import create_engine, text
+
+    from service.cli import worker_argv
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    db = f"dare_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{db}"'))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DARE_HOME": str(scratch / "var"),
+           "DARE_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}",
+           "DARE_BROKER_URL": REDIS_URL}
+    procs: list[subprocess.Popen] = []
+    log = (scratch / "redis-stack.log").open("wb")
+    try:
+        subprocess.run([*DARE, "db", "upgrade"], env=env, check=True, capture_output=True)
+        port = free_port()
+        procs.append(subprocess.Popen([*DARE, "api", "--port", str(port)], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(worker_argv(loglevel="WARNING"), env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, procs)
+        return measure(base, subject, n)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(40)
+        log.close()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--subject", type=Path, default=Path("demo-out/subject"))
+    ap.add_argument("--modes", default="embedded,redis")
+    args = ap.parse_args(argv)
+    subject = ensure_subject(args.subject)
+    rows = []
+    for mode in args.modes.split(","):
+        scratch = Path(tempfile.mkdtemp(prefix=f"dare-bench-latency-{mode}-"))
+        try:
+            res = {"embedded": run_embedded, "redis": run_redis}[mode](subject, args.n, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        cold, warm = res[0], res[1:]
+        posts = [p * 1000 for p, _ in warm]
+        lats = sorted(s * 1000 for _, s in warm)
+        rows.append((mode, len(warm), statistics.median(posts), statistics.median(lats),
+                     lats[max(0, int(round(0.9 * len(lats))) - 1)], lats[-1], cold[1] * 1000))
+    print(f"\nPOST /v1/jobs -> first stage started ({os.cpu_count()} CPUs; server timestamps)")
+    print(f"{'set-up':<10}{'n':>4}{'POST 202 ms (median)':>22}{'start ms median':>17}"
+          f"{'p90':>8}{'max':>8}{'first job after start':>23}")
+    for mode, n, post_ms, med, p90, mx, cold_ms in rows:
+        print(f"{mode:<10}{n:>4}{post_ms:>22.0f}{med:>17.0f}{p90:>8.0f}{mx:>8.0f}{cold_ms:>21.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+# A GPU worker: one Celery process, one task at a time (-c 1), on the `gpu` queue.
+# torch's wheels bring their own CUDA libraries; the CUDA base image supplies the runtime
+# environment the NVIDIA container toolkit expects (driver >= the image's CUDA version).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    DARE_HOME=/var/lib/dare
+WORKDIR /app
+
+COPY pyproject.toml README.md alembic.ini ./
+COPY alembic ./alembic
+COPY service ./service
+COPY worker ./worker
+COPY bench ./bench
+RUN pip install -e .
+
+RUN useradd --uid 10001 --create-home dare && mkdir -p /var/lib/dare && chown dare /var/lib/dare
+USER dare
+# The same command the tests run (service.cli.worker_argv).
+CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1", "--loglevel", "INFO", \
+     "--without-mingle", "--without-gossip"]

@@ -1,0 +1,112 @@
+"""The FastAPI application. ``create_app()`` is the factory ``dare api`` and the tests use."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from worker.engine.errors import InputError
+
+from . import errors
+from .db import SchemaOutdated, check_schema, make_engine, session_factory
+from .deps import AppContext
+from .dispatch import BrokerUnavailable, CeleryDispatcher, Dispatcher
+from .errors import problem_response
+from .jobs import InvalidCursor, JobFinished, JobNotFound
+from .routes import health, jobs
+from .settings import Settings, get_settings
+from .storage import ArtifactStore, store_from_settings
+from .uploads import UnsupportedMediaType, UploadTooLarge
+
+log = logging.getLogger("dare.api")
+
+DESCRIPTION = """\
+Hardens an image classifier with DARE (ASE 2022) and reports its robustness to FGSM, BIM, PGD,
+C&W and JSMA, before and after. Submit a model, its training history and its data; poll the job;
+download the hardened model and the report. Errors are `application/problem+json` with a stable
+`code`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None,
+               store: ArtifactStore | None = None, check_db_schema: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    engine = make_engine(settings.database_url)
+    ctx = AppContext(settings=settings, engine=engine, factory=session_factory(engine),
+                     store=store or store_from_settings(settings),
+                     dispatcher=dispatcher or CeleryDispatcher(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        if check_db_schema:
+            check_schema(engine)  # refuses to serve on an old schema; the message says what to run
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="DARE hardening service", version="1.0.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.ctx = ctx
+    errors.install(app)
+    _install_domain_errors(app)
+
+    v1 = APIRouter(prefix="/v1")  # authentication, when it comes, is a dependency here
+    v1.include_router(jobs.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    return app
+
+
+def _install_domain_errors(app: FastAPI) -> None:
+    def path(request: Request) -> str:
+        return request.url.path
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        detail = f"{exc.message}. Fix: {exc.hint}" if exc.hint else exc.message
+        return problem_response(422, exc.code, detail, instance=path(request))
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(request: Request, exc: UploadTooLarge) -> JSONResponse:
+        env = {"model": "DARE_MAX_MODEL_BYTES", "history": "DARE_MAX_HISTORY_BYTES",
+               "data": "DARE_MAX_DATA_BYTES", "config": "DARE_MAX_CONFIG_BYTES",
+               "dataset": "DARE_MAX_CONFIG_BYTES"}.get(exc.field, "DARE_MAX_UPLOAD_BYTES")
+        return problem_response(
+            413, "upload_too_large",
+            f"{exc.field} is larger than the limit of {exc.limit} bytes. Fix: send a smaller file, "
+            f"or have the operator raise {env}", instance=path(request),
+            headers={"Connection": "close"}, field=exc.field, limit=exc.limit)
+
+    @app.exception_handler(UnsupportedMediaType)
+    async def _media(request: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        return problem_response(415, "unsupported_media_type",
+                                "send multipart/form-data (curl -F model=@model.onnx ...)",
+                                instance=path(request))
+
+    @app.exception_handler(JobNotFound)
+    async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+        return problem_response(404, "job_not_found",
+                                f"no job with id {exc.job_id!s}; list jobs with GET /v1/jobs",
+                                instance=path(request))
+
+    @app.exception_handler(JobFinished)
+    async def _finished(request: Request, exc: JobFinished) -> JSONResponse:
+        return problem_response(409, "job_finished", str(exc), instance=path(request),
+                                job_status=exc.job.status.value)
+
+    @app.exception_handler(InvalidCursor)
+    async def _cursor(request: Request, exc: InvalidCursor) -> JSONResponse:
+        return problem_response(422, "invalid_cursor", "the cursor is not one this API gave out; "
+                                "start again without it and use next_cursor", instance=path(request))
+
+    @app.exception_handler(BrokerUnavailable)
+    async def _broker(request: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return problem_response(503, "broker_unavailable", "the job could not be queued because the "
+                                "message broker did not answer; retry later", instance=path(request),
+                                headers={"Retry-After": "30"})
+
+    @app.exception_handler(SchemaOutdated)
+    async def _schema(request: Request, exc: SchemaOutdated) -> JSONResponse:
+        return problem_response(503, "schema_outdated", str(exc), instance=path(request))

@@ -1,0 +1,129 @@
+"""Engines, sessions and the schema-version check. Migrations themselves live in ``alembic/``."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.orm import Session, sessionmaker
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALEMBIC_INI = REPO_ROOT / "alembic.ini"
+ALEMBIC_DIR = REPO_ROOT / "alembic"
+
+
+class SchemaOutdated(RuntimeError):
+    """The database is not at the code's migration head; the message says what to run."""
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+            # WAL lets the API read while the worker writes; the foreign keys make CASCADE real.
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(url: str) -> Engine:
+    """One engine per URL and process (the worker's pipeline and its failure hook share it)."""
+    with _ENGINES_LOCK:
+        if url not in _ENGINES:
+            _ENGINES[url] = make_engine(url)
+        return _ENGINES[url]
+
+
+def dispose_engines(*, close: bool = True) -> None:
+    """Forget pooled connections. In a forked child call it with ``close=False``: the sockets
+    belong to the parent, and closing them from the child would break the parent's."""
+    with _ENGINES_LOCK:
+        for engine in _ENGINES.values():
+            engine.dispose(close=close)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+def alembic_config(url: str):  # noqa: ANN201 (alembic.config.Config)
+    from alembic.config import Config
+
+    cfg = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else Config()
+    cfg.set_main_option("script_location", str(ALEMBIC_DIR))
+    # Escape '%' for configparser (URL-encoded passwords).
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(ALEMBIC_DIR))
+    head = script.get_current_head()
+    assert head is not None, "no migrations found"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise :class:`SchemaOutdated` unless the database is at the migration head."""
+    head = head_revision()
+    try:
+        current = current_revision(engine)
+    except Exception as e:  # unreachable database: say so plainly
+        raise SchemaOutdated(f"cannot read the schema version from the database: {e}") from e
+    if current == head:
+        return
+    where = "empty (no tables)" if current is None and not inspect(engine).get_table_names() \
+        else f"at revision {current}"
+    raise SchemaOutdated(
+        f"the database schema is {where}, this code needs revision {head}: "
+        "run `alembic upgrade head` (or `dare db upgrade`) with the same DARE_DATABASE_URL")

@@ -1,0 +1,189 @@
+"""Jobs as the API sees them: create, read, list (keyset pages), cancel, events.
+
+No FastAPI or Celery here: routes and tasks call these functions with a session. Domain errors
+(:class:`JobNotFound`, :class:`JobFinished`, :class:`InvalidCursor`) are mapped to problem+json by
+``service.app``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from .models import Artifact, Job, JobEvent, JobInput
+from .schemas import ArtifactRead, ErrorRead, EventRead, InputRead, JobRead, StageRead
+from .states import JobStatus, transition, utcnow
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"no job with id {job_id}")
+        self.job_id = job_id
+
+
+class JobFinished(RuntimeError):
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} already {job.status.value}; only queued or running jobs "
+                         "can be cancelled")
+        self.job = job
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+@dataclass
+class StoredInput:
+    field: str      # model | history | data
+    filename: str   # as the client named it
+    uri: str
+    size: int
+    sha256: str
+
+
+def add_event(session: Session, job_id: uuid.UUID, kind: str, stage: str | None = None,
+              data: dict[str, Any] | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, stage=stage, data=data, at=utcnow()))
+
+
+def create_job(session: Session, *, job_id: uuid.UUID, config: dict[str, Any], stages: list[str],
+               model_format: str, inputs: Sequence[StoredInput]) -> Job:
+    now = utcnow()
+    job = Job(id=job_id, status=JobStatus.queued, config=config, stages=stages,
+              model_format=model_format, dataset=config.get("dataset"), stage_progress=0.0,
+              progress=0.0, created_at=now, updated_at=now)
+    job.inputs = [JobInput(field=i.field, filename=i.filename[:255], uri=i.uri, size=i.size,
+                           sha256=i.sha256) for i in inputs]
+    session.add(job)
+    add_event(session, job_id, "created", data={"stages": stages})
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) -> Job:
+    stmt = select(Job).where(Job.id == job_id)
+    if for_update:  # and re-read it: the row may have changed since this session loaded it
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    job = session.scalars(stmt).one_or_none()
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+# --- pages ----------------------------------------------------------------------------------
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps({"t": job.created_at.isoformat(), "i": str(job.id)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        d = json.loads(raw)
+        return datetime.fromisoformat(d["t"]), uuid.UUID(d["i"])
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InvalidCursor(cursor) from None
+
+
+def list_jobs(session: Session, *, statuses: Sequence[JobStatus] = (), limit: int = 20,
+              cursor: str | None = None) -> tuple[list[Job], str | None]:
+    """Newest first. The cursor is the last row's (created_at, id): stable under inserts."""
+    stmt = select(Job).options(selectinload(Job.inputs))
+    if statuses:
+        stmt = stmt.where(Job.status.in_(list(statuses)))
+    if cursor:
+        t, i = decode_cursor(cursor)
+        stmt = stmt.where(or_(Job.created_at < t, and_(Job.created_at == t, Job.id < i)))
+    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+
+def list_events(session: Session, job_id: uuid.UUID, *, after: int | None = None,
+                limit: int = 100) -> list[JobEvent]:
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(JobEvent.id > after)
+    return list(session.scalars(stmt.order_by(JobEvent.id).limit(limit)))
+
+
+def list_artifacts(session: Session, job_id: uuid.UUID) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)
+                                .order_by(Artifact.name)))
+
+
+def get_artifact(session: Session, job_id: uuid.UUID, name: str) -> Artifact | None:
+    return session.scalars(select(Artifact).where(Artifact.job_id == job_id,
+                                                  Artifact.name == name)).one_or_none()
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> Job:
+    """queued -> cancelled at once; running -> cancelling (the worker stops between batches);
+    cancelling/cancelled: nothing to do; succeeded/failed: :class:`JobFinished`."""
+    job = get_job(session, job_id, for_update=True)
+    status = JobStatus(job.status)
+    if status in (JobStatus.cancelling, JobStatus.cancelled):
+        return job
+    if status in (JobStatus.succeeded, JobStatus.failed):
+        raise JobFinished(job)
+    job.cancel_requested_at = utcnow()
+    add_event(session, job.id, "cancel_requested", job.stage_name)
+    if status is JobStatus.queued:
+        transition(job, JobStatus.cancelled)
+        add_event(session, job.id, "cancelled", job.stage_name)
+    else:
+        transition(job, JobStatus.cancelling)
+    return job
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def job_urls(job: Job) -> dict[str, str]:
+    base = f"/v1/jobs/{job.id}"
+    urls = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
+            "artifacts": f"{base}/artifacts"}
+    if job.status is JobStatus.succeeded:
+        urls["report_json"] = f"{base}/artifacts/report.json"
+        urls["report_html"] = f"{base}/artifacts/report.html"
+    return urls
+
+
+def job_read(job: Job) -> JobRead:
+    stages = job.stages or []
+    if job.stage_name is None and stages:  # queued: show the stage it will start with
+        stage = StageRead(name=stages[0], index=0, total=len(stages), progress=0.0)
+    else:
+        stage = StageRead(name=job.stage_name, index=job.stage_index, total=len(stages),
+                          progress=_unit(job.stage_progress))
+    error = (ErrorRead(code=job.error_code, message=job.error_message or "", stage=job.error_stage)
+             if job.error_code else None)
+    return JobRead(
+        id=job.id, status=job.status, stage=stage, progress=_unit(job.progress),
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        error=error, result=job.result, urls=job_urls(job), config=job.config,
+        inputs=[InputRead(field=i.field, filename=i.filename, size=i.size, sha256=i.sha256)
+                for i in job.inputs])
+
+
+def event_read(e: JobEvent) -> EventRead:
+    return EventRead(id=e.id, at=e.at, kind=e.kind, stage=e.stage, data=e.data)
+
+
+def artifact_read(a: Artifact) -> ArtifactRead:
+    return ArtifactRead(name=a.name, size=a.size, sha256=a.sha256, media_type=a.media_type,
+                        url=f"/v1/jobs/{a.job_id}/artifacts/{a.name}")
+
+
+def _unit(x: float | None) -> float:
+    return min(1.0, max(0.0, float(x or 0.0)))

@@ -1,0 +1,142 @@
+"""``/v1/jobs``: thin routes over ``service.jobs``, ``service.uploads`` and ``service.submission``."""
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .. import jobs
+from ..deps import CtxDep, JobDep, SessionDep
+from ..errors import ProblemError, problem_responses
+from ..schemas import ArtifactRead, EventList, JobList, JobRead
+from ..states import JobStatus
+from ..submission import submit
+from ..uploads import receive_form
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["model", "history"],
+                "properties": {
+                    "model": {"type": "string", "format": "binary",
+                              "description": "the classifier: .onnx (opset <= 17) or .pt2 "
+                                             "(torch.export)"},
+                    "history": {"type": "string", "format": "binary",
+                                "description": ".zip of per-epoch checkpoints (.safetensors, .pt, "
+                                               ".pt2 or .onnx), ordered by the epoch number in "
+                                               "their names or by a manifest"},
+                    "data": {"type": "string", "format": "binary",
+                             "description": ".npz with x_train, y_train, x_val, y_val, x_test, "
+                                            "y_test (NCHW, float in [0,1] or uint8)"},
+                    "dataset": {"type": "string", "enum": ["digits", "mnist5k"],
+                                "description": "an embedded dataset instead of data"},
+                    "config": {"type": "string",
+                               "description": "JSON object; see the README's config table",
+                               "example": '{"q": 0.95, "p": 1, "history_fraction": 0.5, '
+                                          '"evaluation": {"n_samples": 200}}'},
+                },
+            },
+        }},
+    },
+}
+
+
+@router.post(
+    "", status_code=202, response_model=JobRead, summary="Submit a model to harden",
+    description="Streams each file to disk (size-limited per file), checks formats cheaply, "
+                "validates the config, queues the job and answers 202 with the job object and a "
+                "Location header. Deep checks (parameter names, opsets) happen in the job's "
+                "validate stage and end the job as failed with a stable error code.",
+    responses=problem_responses(413, 415, 422, 503), openapi_extra=_UPLOAD_BODY)
+async def create_job(request: Request, response: Response, ctx: CtxDep) -> JobRead:
+    job_id = uuid.uuid4()
+    staging = ctx.settings.upload_tmp_dir / str(job_id)
+    try:
+        form = await receive_form(request, ctx.settings, staging)
+        job = await run_in_threadpool(submit, form, job_id=job_id, factory=ctx.factory,
+                                      store=ctx.store, dispatcher=ctx.dispatcher)
+    finally:
+        await run_in_threadpool(shutil.rmtree, staging, True)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return jobs.job_read(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first",
+            responses=problem_responses(422))
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[list[JobStatus], Query(description="keep only these statuses (repeatable)")] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobList:
+    rows, nxt = jobs.list_jobs(session, statuses=status, limit=limit, cursor=cursor)
+    return JobList(items=[jobs.job_read(j) for j in rows], next_cursor=nxt)
+
+
+@router.get("/{job_id}", response_model=JobRead, summary="One job",
+            responses=problem_responses(404))
+def get_job(job: JobDep) -> JobRead:
+    return jobs.job_read(job)
+
+
+@router.get("/{job_id}/events", response_model=EventList, summary="The job's history",
+            responses=problem_responses(404))
+def list_events(
+    job: JobDep, session: SessionDep,
+    after: Annotated[int | None, Query(ge=0, description="only events after this id")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> EventList:
+    rows = jobs.list_events(session, job.id, after=after, limit=limit)
+    return EventList(items=[jobs.event_read(e) for e in rows],
+                     next_after=rows[-1].id if rows else after)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobRead, summary="Cancel a job",
+             description="A queued job is cancelled at once; a running one becomes `cancelling` "
+                         "and stops between batches. Cancelling twice is harmless; a finished "
+                         "job answers 409.",
+             responses=problem_responses(404, 409))
+def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
+    job = jobs.request_cancel(session, job.id)
+    session.commit()
+    return jobs.job_read(job)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactRead],
+            summary="The job's artifacts so far", responses=problem_responses(404))
+def list_artifacts(job: JobDep, session: SessionDep) -> list[ArtifactRead]:
+    return [jobs.artifact_read(a) for a in jobs.list_artifacts(session, job.id)]
+
+
+@router.get("/{job_id}/artifacts/{name}", summary="Download an artifact",
+            response_class=Response, responses={
+                200: {"description": "the file", "content": {"application/octet-stream": {}}},
+                **problem_responses(404)})
+def download_artifact(job: JobDep, name: str, session: SessionDep, ctx: CtxDep) -> Response:
+    art = jobs.get_artifact(session, job.id, name)
+    if art is None or not ctx.store.exists(art.uri):
+        have = [a.name for a in jobs.list_artifacts(session, job.id)]
+        hint = (f"this job has: {', '.join(have)}" if have
+                else f"this job has no artifacts yet (status {job.status.value})")
+        raise ProblemError(404, "artifact_not_found", f"no artifact {name!r}; {hint}")
+    headers = {"ETag": f'"{art.sha256}"'}
+    path = ctx.store.local_path(art.uri)
+    if path is not None:
+        return FileResponse(path, media_type=art.media_type, filename=art.name, headers=headers)
+    return StreamingResponse(_chunks(ctx.store.open(art.uri)), media_type=art.media_type,
+                             headers={**headers, "Content-Disposition":
+                                      f'attachment; filename="{art.name}"'})
+
+
+def _chunks(fh):  # noqa: ANN001, ANN202
+    with fh:
+        yield from iter(lambda: fh.read(1 << 20), b"")

@@ -1,0 +1,120 @@
+"""The service's one settings object, read from ``DARE_*`` environment variables.
+
+Everything has an embedded default under ``DARE_HOME`` (``./var``): a SQLite file, kombu's
+filesystem transport and a local artifact directory, so ``dare serve`` needs no server. Production
+sets ``DARE_DATABASE_URL`` (PostgreSQL), ``DARE_BROKER_URL`` (Redis) and ``DARE_ARTIFACT_ROOT`` (a
+volume the API and the workers share). Read it through :func:`get_settings`; tests build their own
+``Settings(...)`` and hand it to ``create_app``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DARE_", extra="ignore")
+
+    home: Path = Field(Path("var"), description="where the embedded defaults live")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$DARE_HOME/dare.db")
+    broker_url: str = Field("", description="Celery broker; default filesystem:// under $DARE_HOME/broker")
+    artifact_root: Path | None = Field(None, description="artifact store root; default $DARE_HOME/artifacts")
+    work_dir: Path | None = Field(None, description="worker job directories; default $DARE_HOME/work")
+    upload_tmp_dir: Path | None = Field(None, description="uploads stream here; default $DARE_HOME/uploads")
+
+    # Upload limits, per file. The per-kind ones default to max_upload_bytes.
+    max_upload_bytes: int = Field(2 * GiB, ge=1)
+    max_model_bytes: int | None = Field(None, ge=1)
+    max_history_bytes: int | None = Field(None, ge=1)
+    max_data_bytes: int | None = Field(None, ge=1)
+    max_config_bytes: int = Field(64 * 1024, ge=1)
+    upload_chunk_bytes: int = Field(1 * MiB, ge=4096)
+
+    # Pipeline
+    queue: str = "gpu"
+    stage_soft_time_limit_s: int = Field(4 * 3600, ge=1)
+    stage_hard_time_limit_s: int | None = Field(None, ge=1, description="default: soft limit + 5 min")
+    broker_visibility_timeout_s: int | None = Field(None, ge=1, description="default: hard limit + 1 h")
+    stage_max_attempts: int = Field(3, ge=1, description="deliveries of one stage before the job fails")
+    stage_stale_after_s: int = Field(300, ge=1, description="a silent running stage may be taken over")
+    progress_interval_s: float = Field(2.0, gt=0, description="at most one progress write per interval")
+    cancel_poll_interval_s: float = Field(1.0, gt=0, description="how often the worker re-reads the status")
+    broker_poll_interval_s: float = Field(0.1, gt=0, description="filesystem transport polling")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(1, ge=1)
+    # Test seam: the function that runs one stage, "module:attribute" (the engine by default).
+    stage_runner: str = "worker.engine.stages:run_stage"
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Settings":
+        home = self.home.expanduser().resolve()
+        self.home = home
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'dare.db'}"
+        self.database_url = normalize_database_url(self.database_url)
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        self.artifact_root = (self.artifact_root or home / "artifacts").expanduser().resolve()
+        self.work_dir = (self.work_dir or home / "work").expanduser().resolve()
+        self.upload_tmp_dir = (self.upload_tmp_dir or home / "uploads").expanduser().resolve()
+        if self.stage_hard_time_limit_s is None:
+            self.stage_hard_time_limit_s = self.stage_soft_time_limit_s + 300
+        if self.stage_hard_time_limit_s <= self.stage_soft_time_limit_s:
+            raise ValueError("DARE_STAGE_HARD_TIME_LIMIT_S must exceed DARE_STAGE_SOFT_TIME_LIMIT_S")
+        if self.broker_visibility_timeout_s is None:
+            self.broker_visibility_timeout_s = self.stage_hard_time_limit_s + 3600
+        if self.broker_visibility_timeout_s <= self.stage_hard_time_limit_s:
+            # Redis would hand a still-running stage to a second worker.
+            raise ValueError("DARE_BROKER_VISIBILITY_TIMEOUT_S must exceed the hard time limit")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_is_filesystem(self) -> bool:
+        return self.broker_url.startswith("filesystem:")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    def limit_for(self, field: str) -> int:
+        per_kind = {"model": self.max_model_bytes, "history": self.max_history_bytes,
+                    "data": self.max_data_bytes}.get(field)
+        return per_kind or self.max_upload_bytes
+
+    def ensure_dirs(self) -> None:
+        for d in (self.artifact_root, self.work_dir, self.upload_tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.is_sqlite:
+            self.home.mkdir(parents=True, exist_ok=True)
+        if self.broker_is_filesystem:
+            for sub in ("queue", "processed", "control"):
+                (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def normalize_database_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL whatever driver the URL names (or none)."""
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

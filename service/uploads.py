@@ -1,0 +1,298 @@
+"""Receiving a job submission: stream the multipart body to disk, then check it cheaply.
+
+Files never sit in memory whole: the body is fed to python-multipart's streaming parser in
+~1 MiB pieces, and each file part is hashed and written as it arrives. Size limits are enforced
+while streaming, so a body without ``Content-Length`` (chunked) is cut off at the limit too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+
+from worker.engine.errors import InputError
+
+from .settings import Settings
+
+FILE_FIELDS = {"model": (".onnx", ".pt2"), "history": (".zip",), "data": (".npz",)}
+TEXT_FIELDS = ("dataset", "config")
+NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".onnx")
+# After a limit is hit, keep reading (and dropping) this much so the client sees the 413
+# instead of a reset connection; beyond it the connection is cut.
+DRAIN_BYTES = 64 * 1024 * 1024
+
+
+class UploadTooLarge(Exception):
+    def __init__(self, field: str, limit: int) -> None:
+        super().__init__(f"{field} is larger than the limit of {limit} bytes")
+        self.field = field
+        self.limit = limit
+
+
+class UnsupportedMediaType(Exception):
+    pass
+
+
+@dataclass
+class ReceivedFile:
+    field: str
+    filename: str       # as the client sent it
+    suffix: str         # ".onnx", ".pt2", ".zip", ".npz"
+    path: Path
+    size: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class ReceivedForm:
+    staging: Path
+    files: dict[str, ReceivedFile] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class _FormSink:
+    """python-multipart callbacks that write file parts to ``staging``, enforcing limits."""
+
+    def __init__(self, settings: Settings, staging: Path) -> None:
+        self.settings = settings
+        self.form = ReceivedForm(staging=staging)
+        self._headers: dict[str, bytes] = {}
+        self._hname = b""
+        self._hvalue = b""
+        self._file: IO[bytes] | None = None
+        self._hash = None
+        self._current: ReceivedFile | None = None
+        self._text_name: str | None = None
+        self._text = bytearray()
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end}
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._hname = self._hvalue = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._hname += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._hvalue += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._hname.decode("latin-1").lower()] = self._hvalue
+        self._hname = self._hvalue = b""
+
+    def _headers_finished(self) -> None:
+        disp, params = parse_options_header(self._headers.get("content-disposition"))
+        if disp != b"form-data" or b"name" not in params:
+            raise InputError("invalid_multipart", "a part has no form-data name",
+                             "send multipart/form-data as curl -F or requests' files= do")
+        name = params[b"name"].decode("utf-8", "replace")
+        if name in self.form.files or name in self.form.fields or name == self._text_name:
+            raise InputError("duplicate_field", f"the form field {name!r} was sent twice",
+                             "send each field once")
+        if name in FILE_FIELDS:
+            filename = params.get(b"filename", b"").decode("utf-8", "replace")
+            suffix = _suffix(filename)
+            if not filename:
+                raise InputError("invalid_field", f"{name!r} must be a file upload, not a text field",
+                                 f"send it as a file, e.g. curl -F {name}=@path")
+            allowed = FILE_FIELDS[name]
+            if suffix not in allowed:
+                raise InputError(
+                    "unsupported_file_type",
+                    f"{name!r} must be a {' or '.join(allowed)} file; got {filename!r}",
+                    _FORMAT_HINT[name])
+            path = self.form.staging / f"{name}{suffix}"
+            self._current = ReceivedFile(field=name, filename=filename, suffix=suffix, path=path)
+            self._file = path.open("wb")
+            self._hash = hashlib.sha256()
+        elif name in TEXT_FIELDS:
+            self._text_name = name
+            self._text = bytearray()
+        else:
+            raise InputError("unknown_field", f"unknown form field {name!r}",
+                             "the fields are model, history, data, dataset and config")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._current is not None:
+            self._current.size += len(chunk)
+            limit = self.settings.limit_for(self._current.field)
+            if self._current.size > limit:
+                raise UploadTooLarge(self._current.field, limit)
+            self._hash.update(chunk)
+            self._file.write(chunk)
+        elif self._text_name is not None:
+            self._text += chunk
+            if len(self._text) > self.settings.max_config_bytes:
+                raise UploadTooLarge(self._text_name, self.settings.max_config_bytes)
+
+    def _part_end(self) -> None:
+        if self._current is not None:
+            self._file.close()
+            self._current.sha256 = self._hash.hexdigest()
+            self.form.files[self._current.field] = self._current
+            self._current = self._file = self._hash = None
+        elif self._text_name is not None:
+            try:
+                self.form.fields[self._text_name] = self._text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("invalid_field", f"{self._text_name!r} is not UTF-8 text",
+                                 "send UTF-8") from None
+            self._text_name = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+_FORMAT_HINT = {
+    "model": "export the classifier with torch.onnx.export (opset <= 17) or torch.export.save (.pt2)",
+    "history": "zip the per-epoch checkpoints (.safetensors, .pt state dicts, .pt2 or .onnx)",
+    "data": "save the splits with numpy.savez(x_train=..., y_train=..., x_val=..., y_val=..., "
+            "x_test=..., y_test=...), or send the form field dataset=digits|mnist5k instead",
+}
+
+
+def _suffix(filename: str) -> str:
+    name = filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1].lower()
+    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+
+
+async def receive_form(request: Request, settings: Settings, staging: Path) -> ReceivedForm:
+    """Stream the multipart body into ``staging``; raise InputError / UploadTooLarge /
+    UnsupportedMediaType. The caller owns ``staging`` (and removes it)."""
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise UnsupportedMediaType()
+    total_limit = (sum(settings.limit_for(f) for f in FILE_FIELDS)
+                   + 2 * settings.max_config_bytes + 64 * 1024)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > total_limit:
+        raise UploadTooLarge("request body", total_limit)
+
+    staging.mkdir(parents=True, exist_ok=True)
+    sink = _FormSink(settings, staging)
+    parser = MultipartParser(params[b"boundary"], sink.callbacks())
+    buf = bytearray()
+    error: Exception | None = None
+    drained = 0
+    try:
+        async for chunk in request.stream():
+            if error is not None:  # drop the rest so the client can read our answer
+                drained += len(chunk)
+                if drained > DRAIN_BYTES:
+                    break
+                continue
+            buf += chunk
+            if len(buf) >= settings.upload_chunk_bytes:
+                try:
+                    await run_in_threadpool(parser.write, bytes(buf))
+                except (InputError, UploadTooLarge) as e:
+                    error = e
+                buf.clear()
+        if error is None:
+            if buf:
+                await run_in_threadpool(parser.write, bytes(buf))
+            parser.finalize()
+    except ClientDisconnect:
+        raise InputError("incomplete_upload", "the client closed the connection mid-upload",
+                         "retry the request") from None
+    except MultipartParseError as e:
+        raise InputError("invalid_multipart", f"the multipart body cannot be parsed: {e}",
+                         "send multipart/form-data as curl -F or requests' files= do") from None
+    finally:
+        sink.close()
+    if error is not None:
+        raise error
+    if sink._current is not None or sink._text_name is not None:
+        raise InputError("incomplete_upload", "the multipart body ended inside a part",
+                         "retry the request")
+    return sink.form
+
+
+# --- cheap format checks (the engine's validate stage does the deep ones) -------------------
+
+def check_model(f: ReceivedFile) -> str:
+    """Return the model format ("onnx" or "pt2")."""
+    if f.suffix == ".onnx":
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        try:
+            onnx.load(str(f.path), load_external_data=False)
+        except (DecodeError, ValueError, OSError) as e:
+            raise InputError("invalid_model", f"model {f.filename!r} is not an ONNX model: {e}",
+                             _FORMAT_HINT["model"]) from None
+        return "onnx"
+    if not zipfile.is_zipfile(f.path):
+        raise InputError("invalid_model", f"model {f.filename!r} is not a torch.export archive "
+                         "(a .pt2 is a zip file)", _FORMAT_HINT["model"])
+    return "pt2"
+
+
+def check_history(f: ReceivedFile) -> None:
+    try:
+        with zipfile.ZipFile(f.path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise InputError("invalid_history", f"history {f.filename!r} is not a zip file",
+                         _FORMAT_HINT["history"]) from None
+    if not any(n.lower().endswith(CHECKPOINT_SUFFIXES) for n in names):
+        raise InputError("invalid_history",
+                         f"history {f.filename!r} holds no checkpoint "
+                         f"({', '.join(CHECKPOINT_SUFFIXES)})", _FORMAT_HINT["history"])
+
+
+def check_data(f: ReceivedFile) -> None:
+    try:
+        with zipfile.ZipFile(f.path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        raise InputError("invalid_data", f"data {f.filename!r} is not an .npz file (a zip of .npy "
+                         "arrays)", _FORMAT_HINT["data"]) from None
+    missing = [k for k in NPZ_KEYS if k not in names]
+    if missing:
+        raise InputError("invalid_data", f"data {f.filename!r} lacks the arrays {', '.join(missing)}",
+                         _FORMAT_HINT["data"])
+
+
+def parse_config_field(form: ReceivedForm):  # noqa: ANN201 (HardenConfig)
+    from worker.engine.config import parse_config
+
+    raw = form.fields.get("config")
+    if raw is not None and raw.strip():
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InputError("invalid_config", f"config is not valid JSON: {e}",
+                             'send a JSON object, e.g. {"q": 0.95}') from None
+    else:
+        obj = {}
+    if not isinstance(obj, dict):
+        raise InputError("invalid_config", "config must be a JSON object", 'e.g. {"q": 0.95}')
+    dataset = form.fields.get("dataset", "").strip() or None
+    if dataset is not None:
+        if obj.get("dataset") not in (None, dataset):
+            raise InputError("conflicting_dataset",
+                             f"the form says dataset={dataset!r} but config says {obj['dataset']!r}",
+                             "name the dataset once")
+        obj["dataset"] = dataset
+    return parse_config(obj)

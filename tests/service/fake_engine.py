@@ -1,0 +1,77 @@
+"""A stand-in for ``worker.engine.stages.run_stage`` with the same contract, for plumbing tests
+(selected with DARE_STAGE_RUNNER=tests.service.fake_engine:run_stage).
+
+It honours the engine's rules: a finished stage (state/<name>.done.json) returns its summary
+without work; progress goes from 0 to 1; ``cancelled()`` is polled between "batches". The job's
+``seed`` picks a behaviour: FAIL_INPUT_SEED fails ``mine`` with an InputError, FAIL_BUG_SEED
+raises a bug in ``slice``, SLOW_SEED makes every stage take ~SLOW_SECONDS, CRASH_SEED kills
+the worker process in the middle of ``slice`` once (only where DARE_FAKE_ALLOW_CRASH=1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+from worker.engine.errors import Cancelled, InputError
+
+FAIL_INPUT_SEED = 1001
+FAIL_BUG_SEED = 1002
+SLOW_SEED = 1003
+SLOW_SECONDS = 20.0
+CRASH_SEED = 1004
+SECRET = "s3cr3t-internal-detail"
+
+CALLS: list[str] = []  # in-process tests count real (not skipped) runs
+
+
+def run_stage(name: str, ctx) -> dict:  # noqa: ANN001
+    state = ctx.workdir / "state"
+    done = state / f"{name}.done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    CALLS.append(name)
+    seed = ctx.config.seed
+    marker = state / "crashed-once"
+    if seed == CRASH_SEED and name == "slice" and not marker.exists() \
+            and os.environ.get("DARE_FAKE_ALLOW_CRASH") == "1":
+        state.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+        os.kill(os.getpid(), signal.SIGKILL)  # like the OOM killer, mid-stage
+    steps = 20
+    per_step = (SLOW_SECONDS if seed == SLOW_SEED else 0.05) / steps
+    for i in range(steps):
+        if ctx.cancelled():
+            raise Cancelled()
+        time.sleep(per_step)
+        ctx.progress((i + 1) / steps)
+    if seed == FAIL_INPUT_SEED and name == "mine":
+        raise InputError("no_oracles", "no validation sample has a tutor checkpoint",
+                         "send more history checkpoints")
+    if seed == FAIL_BUG_SEED and name == "slice":
+        raise RuntimeError(f"boom {SECRET}")
+    art = ctx.workdir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    if name == "export":
+        model = next((ctx.workdir / "inputs").glob("model.*"))
+        shutil.copyfile(model, art / ("hardened" + model.suffix))
+        if model.suffix != ".onnx":
+            shutil.copyfile(model, art / "hardened.onnx")
+        (art / "hardened.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    if name == "evaluate":
+        report = {"schema_version": 1, "config": ctx.config.model_dump(mode="json"),
+                  "timings_s": {"slice": 0.1, "mine": 0.1, "tune": 0.1, "evaluate": 0.1},
+                  "clean_accuracy": {"original": 0.9, "hardened": 0.88, "drop": 0.02,
+                                     "budget": 0.1, "within_budget": True},
+                  "attacks": {"fgsm": {"params": {"eps": 0.1}, "n": 10, "original_accuracy": 0.2,
+                                       "transfer_er": 0.5, "adaptive_accuracy": 0.3}},
+                  "sanity_checks": [{"name": "iterative_beats_single_step", "passed": True,
+                                     "detail": ""}]}
+        (art / "report.json").write_text(json.dumps(report))
+        (art / "report.html").write_text("<html><body>report</body></html>")
+    summary = {"stage": name, "device": ctx.device}
+    state.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(summary))
+    return summary

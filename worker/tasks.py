@@ -1,0 +1,113 @@
+"""Celery tasks: one per stage, on the ``gpu`` queue, each carrying only the job id.
+
+A task is a thin edge: ``Pipeline.run`` claims the stage in the database (a finished stage is
+skipped when its message is delivered again), runs it, commits the outcome, and names the next
+stage; only then is the next message sent. The database, not Celery, holds every status.
+"""
+from __future__ import annotations
+
+import logging
+
+from billiard.exceptions import WorkerLostError
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from worker.celery_app import app, stage_task_name
+
+log = logging.getLogger("dare.tasks")
+
+_pipeline = None
+
+
+def pipeline():  # noqa: ANN201 (service.pipeline.Pipeline), built once per process
+    global _pipeline
+    if _pipeline is None:
+        from service.pipeline import pipeline_from_settings
+
+        _pipeline = pipeline_from_settings(timeout_errors=(SoftTimeLimitExceeded,))
+    return _pipeline
+
+
+def warm() -> None:
+    """Build the pipeline and open a database connection in the pool child before any task."""
+    global _pipeline
+    from sqlalchemy import text
+
+    _pipeline = None  # one inherited from the parent (its failure hook) is rebuilt here
+    try:
+        with pipeline().factory() as s:
+            s.execute(text("SELECT 1"))
+    except Exception:  # the first task will report a real problem
+        log.warning("could not reach the database while warming up", exc_info=True)
+
+
+def enqueue(job_id: str, stage: str) -> None:
+    app.send_task(stage_task_name(stage), args=[job_id], queue=pipeline().settings.queue)
+
+
+class StageTask(Task):
+    acks_late = True
+    ignore_result = True
+
+    stage: str = ""
+
+    def run_stage(self, job_id: str) -> None:
+        nxt = pipeline().run(job_id, self.stage, task_id=self.request.id)
+        if nxt is not None:
+            enqueue(job_id, nxt)  # after Pipeline.run committed
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
+        # Pipeline.run handles the stage's own errors; this sees what escaped it, and the hard
+        # time limit, which the worker's main process reports after killing the child.
+        job_id = args[0] if args else kwargs.get("job_id")
+        if job_id is None or isinstance(exc, WorkerLostError):
+            return  # a lost worker's message is re-queued (reject_on_worker_lost): let it retry
+        if isinstance(exc, TimeLimitExceeded):
+            code, msg = "stage_timeout", (f"the {self.stage} stage was killed at the hard time "
+                                          "limit; use a smaller config or raise "
+                                          "DARE_STAGE_HARD_TIME_LIMIT_S")
+        else:
+            code, msg = "internal_error", f"the {self.stage} stage failed unexpectedly (job {job_id})"
+        try:
+            pipeline().fail(job_id, self.stage, code, msg)
+        except Exception:
+            log.exception("job %s: could not record the failure", job_id)
+
+
+_OPTS = {"base": StageTask, "bind": True, "queue": app.conf.task_default_queue}
+
+
+@app.task(name=stage_task_name("validate"), stage="validate", **_OPTS)
+def validate(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
+
+@app.task(name=stage_task_name("slice"), stage="slice", **_OPTS)
+def slice_(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
+
+@app.task(name=stage_task_name("mine"), stage="mine", **_OPTS)
+def mine(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
+
+@app.task(name=stage_task_name("tune"), stage="tune", **_OPTS)
+def tune(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
+
+@app.task(name=stage_task_name("export"), stage="export", **_OPTS)
+def export(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
+
+@app.task(name=stage_task_name("evaluate"), stage="evaluate", **_OPTS)
+def evaluate(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
+
+@app.task(name=stage_task_name("compare"), stage="compare", **_OPTS)
+def compare(self: StageTask, job_id: str) -> None:
+    self.run_stage(job_id)
+
