@@ -287,7 +287,7 @@ def test_api_process_stays_free_of_torch(tmp_path):
         f"s = Settings(home={str(tmp_path)!r})\n"
         "app = create_app(s, check_db_schema=False)\n"
         "assert embedded_datasets() == ('digits', 'mnist5k'), embedded_datasets()\n"
-        "from worker.engine.stages import stage_names\n"
+        "from worker.engine.config import stage_names\n"
         "from worker.engine.config import parse_config\n"
         "print(stage_names(parse_config({})))\n"
         "assert 'torch' not in sys.modules, 'the API imported torch'\n"
