@@ -28,10 +28,11 @@ ATTACKS = ("bim", "cw", "fgsm", "jsma", "pgd")
 
 FULL = dict(subjects=[("mlp", "digits"), ("lenet", "digits"), ("vgg", "digits"),
                       ("mlp", "mnist5k"), ("lenet", "mnist5k"), ("vgg", "mnist5k")],
-            epochs={"digits": 20, "mnist5k": 12}, n_samples=200, tune_epochs=10,
+            epochs={"digits": 20, "mnist5k": 12}, n_samples={"digits": 200, "mnist5k": 100},
+            tune_epochs=10,
             baseline_epochs=5, max_train=1500)
 QUICK = dict(subjects=[("mlp", "digits"), ("lenet", "digits")], epochs={"digits": 12},
-             n_samples=100, tune_epochs=10, baseline_epochs=3, max_train=600)
+             n_samples={"digits": 100}, tune_epochs=10, baseline_epochs=3, max_train=600)
 
 
 def _machine() -> str:
@@ -55,7 +56,7 @@ def _config(protocol: str, s: dict, dataset: str):
     return HardenConfig(compare=True, seed=0, dataset=dataset,
                         tune=TuneConfig(epochs=s["tune_epochs"]),
                         baselines=BaselineConfig(epochs=s["baseline_epochs"], max_train=s["max_train"]),
-                        evaluation=EvaluationConfig(protocol=protocol, n_samples=s["n_samples"]))
+                        evaluation=EvaluationConfig(protocol=protocol, n_samples=s["n_samples"][dataset]))
 
 
 def _forward_seconds(ctx) -> float:
@@ -227,8 +228,8 @@ def render(results: list, s: dict, quick: bool, seconds: float) -> str:
            f"{s['epochs']}; seed 0; q=0.95, p=1, history fraction 0.5; DARE tuning {s['tune_epochs']} "
            f"epochs (Adam 3e-3); adversarial training {s['baseline_epochs']} epochs on up to "
            f"{s['max_train']} training examples, grid lr in {{1e-3, 3e-4}}, chosen on the validation "
-           f"split within the {100 * limit:.0f}-point clean budget; {s['n_samples']} test samples per "
-           "attack; attack parameters are in each job's report.json (worker/engine/attacks/budgets.py)",
+           f"split within the {100 * limit:.0f}-point clean budget; test samples per attack "
+           f"{s['n_samples']} (sanity checks on the first 100); attack parameters are in each job's report.json (worker/engine/attacks/budgets.py)",
            ""]
     summary = {}
     for protocol in ("fixed_eps", "minimal"):
@@ -288,6 +289,7 @@ def main(argv=None) -> int:
     if args.subjects:
         s["subjects"] = [tuple(x.split(":")) for x in args.subjects.split(",")]
         s["epochs"] = {**FULL["epochs"], **s["epochs"]}
+        s["n_samples"] = {**FULL["n_samples"], **s["n_samples"]}
     root = args.keep or Path(tempfile.mkdtemp(prefix="dare-bench-"))
     t0 = time.perf_counter()
 

@@ -35,7 +35,7 @@ from .config import EvaluationConfig
 from .errors import Cancelled
 
 LINF_ATTACKS = ("fgsm", "bim", "pgd")
-SANITY_MAX_SAMPLES = 200  # the sanity checks run 5+ extra attacks per model: a subset is enough
+SANITY_MAX_SAMPLES = 100  # the sanity checks run 5+ extra attacks per model: a subset is enough
 
 Progress = Callable[[float], None]
 
