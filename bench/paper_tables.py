@@ -218,6 +218,56 @@ def table_time(results: list) -> tuple[str, list]:
     return "\n".join(lines), perf
 
 
+def _mean_over_attacks(ev: dict, method: str, kind: str):
+    vals = [_metric(ev, a, method, kind) for a in ATTACKS if a in ev["attacks"]]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _reading(results: list) -> list[str]:
+    """Plain statements computed from the tables, so the text can never disagree with them."""
+    lines = []
+    n = len(results)
+    for protocol in ("fixed_eps", "minimal"):
+        evs = [r[protocol]["evaluation"] for r in results]
+        t = {m: [_mean_over_attacks(ev, m, "transfer_er") for ev in evs] for m in PAPER + EXTRA}
+        a = {m: [_mean_over_attacks(ev, m, "adaptive_accuracy") for ev in evs] for m in PAPER + EXTRA}
+
+        def beats(x, y, table):
+            return sum(1 for u, v in zip(table[x], table[y]) if u is not None and v is not None and u > v)
+
+        orig_t = [sum(ev["attacks"][k]["original_accuracy"] for k in ev["attacks"]) / len(ev["attacks"])
+                  for ev in evs]
+        avg = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
+        lines.append(
+            f"- `{protocol}`: averaged over subjects and attacks, the original model keeps "
+            f"{avg(orig_t):.1f} % on its own adversarial examples; DARE's transfer ER is "
+            f"{avg(t['dare']):.1f} %, AT-FGSM's {avg(t['at_fgsm']):.1f} %, AT-PGD's {avg(t['at_pgd']):.1f} %, "
+            f"Madry PGD training's {avg(t['at_pgd_online']):.1f} %, DARE-adv's {avg(t['dare_adv']):.1f} %. "
+            f"Adaptive: DARE {avg(a['dare']):.1f} %, AT-PGD {avg(a['at_pgd']):.1f} %, Madry "
+            f"{avg(a['at_pgd_online']):.1f} %, DARE-adv {avg(a['dare_adv']):.1f} %.")
+        lines.append(
+            f"  DARE beats DARE-rand (mean transfer ER) on {beats('dare', 'dare_rand', t)} of {n} subjects, "
+            f"DARE-s on {beats('dare', 'dare_s', t)}, DARE-sl on {beats('dare', 'dare_sl', t)}, and the plain "
+            f"fine-tune on the same mined samples (`finetune_mined`) on {beats('dare', 'finetune_mined', t)}; "
+            f"DARE-adv beats DARE on {beats('dare_adv', 'dare', t)} (transfer) and "
+            f"{beats('dare_adv', 'dare', a)} (adaptive).")
+    lines += [
+        "- Where DARE raises transfer ER on C&W and JSMA far above the original's, the adaptive column "
+        "shows why: those attacks stop at the decision boundary, and almost any weight change moves "
+        "the boundary past their examples; re-run against the hardened model they succeed again.",
+        "- Under `minimal`, the adaptive numbers are near zero for every method (an unbounded minimal "
+        "attack nearly always succeeds), so the many tied 'wins' in that table carry no information.",
+        "- DARE's transfer wins against the five adversarial-training baselines: " + ", ".join(
+            f"{p} {table_er(results, p, 'transfer_er')[1]['wins']['dare']} of "
+            f"{table_er(results, p, 'transfer_er')[1]['scenarios']}" for p in ("fixed_eps", "minimal")) +
+        " (the paper reports 29 of 45 on CIFAR10/SVHN/Fashion-MNIST with VGG/AlexNet). Where that is far "
+        "below the paper, these small subjects do not reproduce its advantage; the ablation counts "
+        "above say whether DARE's ingredients (slicing, the regression loss, best-tutor mining) add "
+        "anything over their removal and over the plain fine-tune control."]
+    return lines
+
+
 def render(results: list, s: dict, quick: bool, seconds: float) -> str:
     limit = 0.10
     out = [f"# DARE paper tables, reproduced on embedded data ({'quick' if quick else 'full'} run)", "",
@@ -264,7 +314,7 @@ def render(results: list, s: dict, quick: bool, seconds: float) -> str:
         out.append(f"| {p['subject']} | {p['dare']:.2f} | {p['at_fgsm']:.2f} | {r1:.2f} "
                    f"{'met' if r1 <= 0.5 else 'NOT met'} | {p['slice']:.3f} | {p['forward']:.3f} | "
                    f"{r2:.2f} {'met' if r2 <= 2 else 'NOT met'} |")
-    out += ["", "## Summary", ""]
+    out += ["", "## Reading these numbers", ""] + _reading(results) + ["", "## Summary", ""]
     for (protocol, kind), (w, w_all) in summary.items():
         out.append(f"- {protocol}, {kind}: DARE best in {w['wins']['dare']} of {w['scenarios']} "
                    f"scenarios against the five adversarial-training baselines "
@@ -281,7 +331,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the markdown here too")
     ap.add_argument("--subjects", default=None, help="e.g. lenet:digits,vgg:mnist5k")
     ap.add_argument("--keep", type=Path, default=None, help="keep the job directories here")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render the tables of a saved run (its .json) with --wall-seconds")
+    ap.add_argument("--wall-seconds", type=float, default=0.0)
     args = ap.parse_args(argv)
+    if args.render:
+        s = dict(QUICK if args.quick else FULL)
+        text = render(json.loads(args.render.read_text()), s, args.quick, args.wall_seconds)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
     import torch
 
     torch.set_num_threads(int(os.environ.get("DARE_THREADS", os.cpu_count() or 1)))
