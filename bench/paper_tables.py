@@ -295,7 +295,7 @@ def render(results: list, s: dict, quick: bool, seconds: float) -> str:
             text_all, w_all = table_er(results, protocol, kind, PAPER + EXTRA)
             summary[(protocol, kind)] = (w, w_all)
             out += [f"### {title}", "", text, "",
-                    f"All methods (incl. DARE-adv, Madry PGD training, ablations) — scenarios won: " +
+                    "All methods (incl. DARE-adv, Madry PGD training, ablations) — scenarios won: " +
                     ", ".join(f"{m} {n}" for m, n in sorted(w_all["wins"].items(), key=lambda kv: -kv[1])),
                     ""]
         out += ["### Table 3 (clean accuracy)", "", table_clean(results, protocol, limit), ""]

@@ -197,7 +197,7 @@ def render_html(report: dict) -> str:
         names = list(next(iter(methods.values()), {}).get("attacks", {}))
         header = ["method", "clean", "within budget"]
         header += [f"{a} transfer / adaptive" for a in names] + ["mean transfer", "mean adaptive"]
-        rows, classes = [], []
+        rows = []
         for m, s in methods.items():
             row = [escape(m), _pct(s.get("clean_accuracy")), _verdict(s.get("within_budget"))]
             row += [f"{_pct(s['attacks'].get(a, {}).get('transfer_er'))} / "
