@@ -271,3 +271,20 @@ def test_sanity_flags_an_attack_that_helps_the_model(trained):
     checks = _by_name(sanity_checks(weak, x, y, "digits", eps=0.1, attack_factory=_Helpful))
     assert checks["robust_not_above_clean"]["passed"] is False
     assert checks["near_zero_at_large_eps"]["passed"] is False
+
+
+def test_sanity_results_are_reused_across_protocols_only_for_the_same_setting(trained, monkeypatch):
+    from worker.engine import sanity as sanity_mod
+
+    splits, m = trained
+    models = {"copy": copy.deepcopy(m)}
+    first = evaluate(m, models, splits, EvaluationConfig(n_samples=30, attacks=["fgsm"]))
+    calls = []
+    real = sanity_mod.run_sanity
+    monkeypatch.setattr(sanity_mod, "run_sanity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = EvaluationConfig(protocol="minimal", n_samples=30, attacks=["fgsm"])
+    again = evaluate(m, models, splits, cfg, reuse_sanity=first["sanity"])
+    assert calls == [] and again["sanity_checks"] == first["sanity_checks"]
+    # other points: the cached checks do not apply and are run afresh
+    other = evaluate(m, models, splits, cfg, seed=1, reuse_sanity=first["sanity"])
+    assert len(calls) == 2 and other["sanity"]["key"]["seed"] == 1

@@ -269,9 +269,12 @@ def _compare(ctx: "StageContext") -> dict:
         infos[method] = info
         _save_state(models[method], weights)
         meta.write_text(json.dumps(info))
+    cache = ctx.path("state", "sanity.json")  # left by a compare of the same models (bench)
     ev = evaluate(model.gm, models, splits, ctx.config.evaluation, seed=ctx.config.seed,
                   device=ctx.device, progress=lambda f: ctx.progress(0.5 + 0.5 * f),
-                  cancelled=ctx.cancelled)
+                  cancelled=ctx.cancelled,
+                  reuse_sanity=json.loads(cache.read_text()) if cache.exists() else None)
+    cache.write_text(json.dumps(ev.pop("sanity")))
     comp = build_comparison(ev, ctx.config.clean_drop_limit)
     recommended = comp["recommended"] or tuned_method
     chosen = recommended if ctx.config.method == "auto" else tuned_method
@@ -317,6 +320,7 @@ def _evaluate(ctx: "StageContext") -> dict:
         ev = evaluate(model.gm, {method: hardened}, splits, ctx.config.evaluation,
                       seed=ctx.config.seed, device=ctx.device, progress=ctx.progress,
                       cancelled=ctx.cancelled)
+        ev.pop("sanity")
         comparison = None
     done = {s: json.loads(ctx.path("state", f"{s}.done.json").read_text())
             for s in STAGES if ctx.path("state", f"{s}.done.json").exists()}
