@@ -4,21 +4,28 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from worker.engine.errors import InputError
 
-from . import errors
+from . import errors, logs, metrics
+from .background import Background
 from .db import SchemaOutdated, check_schema, make_engine, session_factory
-from .deps import AppContext
+from .deps import AppContext, get_principal
 from .dispatch import BrokerUnavailable, CeleryDispatcher, Dispatcher
 from .errors import problem_response
+from .idempotency import IdempotencyKeyReused
 from .jobs import InvalidCursor, JobFinished, JobNotFound
+from .quotas import RETRY_AFTER_S, TooManyActiveJobs
 from .routes import health, jobs
+from .routes import metrics as metrics_route
+from .routes import report as report_route
+from .routes import webhooks as webhooks_route
 from .settings import Settings, get_settings
 from .storage import ArtifactStore, store_from_settings
 from .uploads import UnsupportedMediaType, UploadTooLarge
+from .webhooks import deliver_due
 
 log = logging.getLogger("dare.api")
 
@@ -27,6 +34,9 @@ Hardens an image classifier with DARE (ASE 2022) and reports its robustness to F
 C&W and JSMA, before and after. Submit a model, its training history and its data; poll the job;
 download the hardened model and the report. Errors are `application/problem+json` with a stable
 `code`.
+
+Every `/v1` request needs `Authorization: Bearer dare_...`: an operator creates keys with
+`dare keys create --tenant NAME`. A tenant sees only its own jobs.
 """
 
 
@@ -38,25 +48,47 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     ctx = AppContext(settings=settings, engine=engine, factory=session_factory(engine),
                      store=store or store_from_settings(settings),
                      dispatcher=dispatcher or CeleryDispatcher(settings))
+    # Periodic housekeeping in the API process, which is always up (workers come and go):
+    # the reconciler re-sends stages lost with a worker or a broker. Add more with .add().
+    background = Background()
+    background.add("reconcile", settings.reconcile_interval_s, lambda: _reconcile(ctx))
+    background.add("webhooks", settings.webhook_poll_interval_s,
+                   lambda: deliver_due(ctx.settings, ctx.factory))  # the outbox sender
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if check_db_schema:
             check_schema(engine)  # refuses to serve on an old schema; the message says what to run
+        background.start()
         yield
+        background.stop()
         engine.dispose()
 
     app = FastAPI(title="DARE hardening service", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.ctx = ctx
+    app.add_middleware(logs.RequestContextMiddleware)  # request_id/job_id on every log line
+    app.state.background = background
     errors.install(app)
     _install_domain_errors(app)
 
-    v1 = APIRouter(prefix="/v1")  # authentication, when it comes, is a dependency here
+    # Every /v1 route needs a bearer key (service.deps.get_principal); health routes stay open.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)],
+                   responses=errors.problem_responses(401))
     v1.include_router(jobs.router)
+    v1.include_router(webhooks_route.router)
+    v1.include_router(report_route.router)
     app.include_router(v1)
     app.include_router(health.router)
+    if settings.metrics_enabled:
+        app.include_router(metrics_route.router)
     return app
+
+
+def _reconcile(ctx: AppContext) -> dict[str, int]:
+    from .reconciler import reconcile_once
+
+    return reconcile_once(ctx.settings, ctx.factory, ctx.dispatcher, ctx.store)
 
 
 def _install_domain_errors(app: FastAPI) -> None:
@@ -65,6 +97,7 @@ def _install_domain_errors(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError) -> JSONResponse:
+        metrics.count_rejection(exc.code)
         detail = f"{exc.message}. Fix: {exc.hint}" if exc.hint else exc.message
         return problem_response(422, exc.code, detail, instance=path(request))
 
@@ -73,6 +106,7 @@ def _install_domain_errors(app: FastAPI) -> None:
         env = {"model": "DARE_MAX_MODEL_BYTES", "history": "DARE_MAX_HISTORY_BYTES",
                "data": "DARE_MAX_DATA_BYTES", "config": "DARE_MAX_CONFIG_BYTES",
                "dataset": "DARE_MAX_CONFIG_BYTES"}.get(exc.field, "DARE_MAX_UPLOAD_BYTES")
+        metrics.count_rejection("upload_too_large")
         return problem_response(
             413, "upload_too_large",
             f"{exc.field} is larger than the limit of {exc.limit} bytes. Fix: send a smaller file, "
@@ -81,6 +115,7 @@ def _install_domain_errors(app: FastAPI) -> None:
 
     @app.exception_handler(UnsupportedMediaType)
     async def _media(request: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        metrics.count_rejection("unsupported_media_type")
         return problem_response(415, "unsupported_media_type",
                                 "send multipart/form-data (curl -F model=@model.onnx ...)",
                                 instance=path(request))
@@ -95,6 +130,27 @@ def _install_domain_errors(app: FastAPI) -> None:
     async def _finished(request: Request, exc: JobFinished) -> JSONResponse:
         return problem_response(409, "job_finished", str(exc), instance=path(request),
                                 job_status=exc.job.status.value)
+
+    @app.exception_handler(TooManyActiveJobs)
+    async def _quota(request: Request, exc: TooManyActiveJobs) -> JSONResponse:
+        metrics.count_rejection("too_many_active_jobs")
+        return problem_response(
+            429, "too_many_active_jobs",
+            f"this tenant already has {exc.active} queued or running jobs, the most it may have "
+            f"at once is {exc.limit}. Fix: wait for one to finish (or cancel one) and retry; an "
+            "operator can raise the limit with `dare keys create --tenant NAME --max-active-jobs "
+            "N` or DARE_MAX_ACTIVE_JOBS_PER_TENANT", instance=path(request),
+            headers={"Retry-After": str(RETRY_AFTER_S)}, limit=exc.limit, active=exc.active)
+
+    @app.exception_handler(IdempotencyKeyReused)
+    async def _idempotency(request: Request, exc: IdempotencyKeyReused) -> JSONResponse:
+        metrics.count_rejection("idempotency_key_reused")
+        return problem_response(
+            422, "idempotency_key_reused",
+            f"the Idempotency-Key {exc.key!r} was already used for job {exc.job_id} with a "
+            "different request (other files or fields). Fix: send a new key for a new "
+            "submission, or resend exactly the same request to get that job back",
+            instance=path(request), job_id=str(exc.job_id))
 
     @app.exception_handler(InvalidCursor)
     async def _cursor(request: Request, exc: InvalidCursor) -> JSONResponse:

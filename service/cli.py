@@ -5,7 +5,11 @@
     dare api                  the API alone (production; configured by DARE_* variables)
     dare worker               one Celery worker on the gpu queue (production)
     dare db upgrade|current   migrations (the only way the schema changes)
+    dare keys create|list|revoke   API keys (service.keys_cli); create prints the key once
+    dare reconcile [--once]   re-send stages lost with a worker or the broker (the API does this
+                              every DARE_RECONCILE_INTERVAL_S already)
     dare harden / train-reference   the engine's own commands (worker.cli), when installed
+    dare submit|status|watch|list|cancel|download   the API from a terminal (service.client_cli)
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .db import upgrade
+    from .logs import uvicorn_log_config
     from .settings import get_settings
 
     if args.home:
@@ -69,6 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     settings.ensure_dirs()
+    host = args.host or settings.host
+    if _is_loopback(host) and "DARE_AUTH" not in os.environ:
+        # Only this machine can reach a loopback port: keys would only get in the way.
+        settings = settings.model_copy(update={"auth": "open"})
     if settings.is_sqlite:
         upgrade(settings.database_url)  # embedded mode only: production runs `dare db upgrade`
     else:
@@ -78,9 +87,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or settings.port
     print(f"dare serve: API on http://{args.host or settings.host}:{port} (docs: /docs), "
           f"worker pid {worker.pid}, data in {settings.home}", flush=True)
+    print(_auth_line(settings.auth, host, settings.home), flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host or settings.host, port=port,
-                    log_level=settings.log_level)
+                    log_level=settings.log_level,
+                    log_config=uvicorn_log_config(settings.log_format, settings.log_level))
     finally:
         worker.terminate()  # warm shutdown: the running stage's message is not acked, so it
         try:                # is delivered again on the next start
@@ -91,16 +102,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth_line(auth: str, host: str, home: object) -> str:
+    if auth == "open" and _is_loopback(host):
+        return (f"dare serve: the API is open (no authentication) on loopback {host}: every "
+                "request acts as tenant 'default'. Set DARE_AUTH=required to use API keys.")
+    if auth == "open":
+        return (f"dare serve: WARNING: DARE_AUTH=open on {host}: anyone who can reach this port "
+                "can use the API without a key.")
+    return (f"dare serve: authentication is required on {host}: create a key with "
+            f"`DARE_HOME={home} dare keys create --tenant NAME` and send "
+            "`Authorization: Bearer <key>`.")
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .logs import uvicorn_log_config
     from .settings import get_settings
 
     settings = get_settings()
     _schema_or_exit(settings)
     uvicorn.run("service.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers,
-                log_level=settings.log_level, proxy_headers=True)
+                log_level=settings.log_level, proxy_headers=True,
+                # applied again in each --workers process: JSON lines with request/job ids
+                log_config=uvicorn_log_config(settings.log_format, settings.log_level))
     return 0
 
 
@@ -113,6 +150,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = worker_argv(settings.queue, args.concurrency, args.loglevel, args.celery_args)
     os.execv(argv[0], argv)
     return 0  # pragma: no cover
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .db import engine_for, session_factory
+    from .dispatch import CeleryDispatcher
+    from .reconciler import reconcile_once
+    from .settings import get_settings
+
+    settings = get_settings()
+    _schema_or_exit(settings)
+    factory = session_factory(engine_for(settings.database_url))
+    dispatcher = CeleryDispatcher(settings)
+    interval = args.interval or settings.reconcile_interval_s or 15.0
+    while True:
+        print(json.dumps(reconcile_once(settings, factory, dispatcher), sort_keys=True), flush=True)
+        if args.once:
+            return 0
+        time.sleep(interval)
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -144,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     if engine_cli is not None and hasattr(engine_cli, "register"):
         engine_cli.register(sub)
 
+    from . import client_cli
+
+    client_cli.register(sub)  # submit, status, watch, list, cancel, download
+
+    from . import keys_cli
+
+    keys_cli.register(sub)  # keys create|list|revoke
+
     p = sub.add_parser("serve", help="API + one worker on embedded defaults (SQLite, no broker server)")
     p.add_argument("--port", type=int, default=None, help="default 8000 (DARE_PORT)")
     p.add_argument("--host", default=None, help="default 127.0.0.1 (DARE_HOST)")
@@ -162,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed on to celery worker")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("reconcile", help="re-send stages whose worker or message was lost")
+    p.add_argument("--once", action="store_true", help="one pass, print what it did, exit")
+    p.add_argument("--interval", type=float, default=None,
+                   help="seconds between passes (default DARE_RECONCILE_INTERVAL_S)")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("db", help="database migrations")
     dsub = p.add_subparsers(dest="db_command", required=True)

@@ -3,7 +3,8 @@ its progress, download the artifacts, say where the report is, stop the server.
 
     python -m service.demo --subject demo-out/subject --out demo-out [--port 8000]
 
-It only uses the public HTTP API (httpx), as any client would.
+It only uses the public HTTP API, through ``service.client`` (the typed client ``dare submit``
+uses too).
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import httpx
 
+from .client import ClientError, DareClient
+from .client_cli import summary_lines
+from .schemas import JobRead
+
 # DESIGN.md's defaults (all five attacks, 500 samples): on the digits subject they take well
 # under a minute on a laptop CPU.
 DEMO_CONFIG: dict = {}
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def start_server(port: int, home: Path, log: Path) -> subprocess.Popen:
@@ -57,62 +61,21 @@ def stop_server(server: subprocess.Popen) -> None:
             server.wait()
 
 
-def submit(base: str, subject: Path, config: dict) -> dict:
-    model = subject / "model.onnx"
-    with model.open("rb") as m, (subject / "history.zip").open("rb") as h:
-        r = httpx.post(f"{base}/v1/jobs", timeout=120,
-                       files={"model": (model.name, m), "history": ("history.zip", h)},
-                       data={"dataset": "digits", "config": json.dumps(config)})
-    if r.status_code != 202:
-        raise SystemExit(f"submission refused ({r.status_code}): {r.text}")
-    return r.json()
-
-
-def follow(base: str, job: dict) -> dict:
+def follow(client: DareClient, job: JobRead) -> JobRead:
     """Print one line per change of stage or percent until the job ends."""
-    url = f"{base}{job['urls']['self']}"
     last, t0 = None, time.monotonic()
-    while True:
-        job = httpx.get(url, timeout=30).json()
-        st = job["stage"]
-        line = (f"  [{(st['index'] or 0) + 1}/{st['total']}] {st['name'] or '-':<9} "
-                f"{100 * st['progress']:5.1f}%   overall {100 * job['progress']:5.1f}%   "
-                f"{job['status']:<10} {time.monotonic() - t0:6.1f} s")
-        key = (job["status"], st["name"], round(st["progress"], 2))
+
+    def show(job: JobRead) -> None:
+        nonlocal last
+        st = job.stage
+        key = (job.status, st.name, round(st.progress, 2))
         if key != last:
-            print(line, flush=True)
+            print(f"  [{(st.index or 0) + 1}/{st.total}] {st.name or '-':<9} "
+                  f"{100 * st.progress:5.1f}%   overall {100 * job.progress:5.1f}%   "
+                  f"{job.status.value:<10} {time.monotonic() - t0:6.1f} s", flush=True)
             last = key
-        if job["status"] in TERMINAL:
-            return job
-        time.sleep(1.0)
 
-
-def download(base: str, job: dict, dest: Path) -> list[Path]:
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for a in httpx.get(f"{base}{job['urls']['artifacts']}", timeout=30).json():
-        p = dest / a["name"]
-        with httpx.stream("GET", f"{base}{a['url']}", timeout=120) as r, p.open("wb") as f:
-            for chunk in r.iter_bytes():
-                f.write(chunk)
-        paths.append(p)
-    return paths
-
-
-def summarize(job: dict) -> None:
-    res = job["result"] or {}
-    ca = res.get("clean_accuracy") or {}
-    if ca:
-        print(f"\nclean accuracy: {ca.get('original', 0):.3f} -> {ca.get('hardened', 0):.3f} "
-              f"(within the {ca.get('budget', 0):.0%} budget: {ca.get('within_budget')})")
-    if res.get("attacks"):
-        print(f"{'attack':<8}{'original':>10}{'transfer ER':>13}{'adaptive':>10}")
-        for name, a in res["attacks"].items():
-            print(f"{name:<8}{a.get('original_accuracy', 0):>10.3f}{a.get('transfer_er', 0):>13.3f}"
-                  f"{a.get('adaptive_accuracy', 0):>10.3f}")
-    if res.get("stage_durations_s"):
-        print("stage times (s): " + ", ".join(f"{k} {v:.1f}"
-                                              for k, v in res["stage_durations_s"].items()))
+    return client.wait(job.id, on_update=show, interval=1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,16 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(args.port, args.out / "var", log)
     try:
         wait_ready(base, server, log)
-        job = submit(base, args.subject, config)
-        print(f"submitted job {job['id']} ({base}{job['urls']['self']})", flush=True)
-        job = follow(base, job)
-        if job["status"] != "succeeded":
-            print(f"job {job['status']}: {json.dumps(job['error'])}", file=sys.stderr)
-            return 1
-        files = download(base, job, args.out / "artifacts")
+        with DareClient(base, timeout=120) as client:
+            job = client.submit(args.subject / "model.onnx", args.subject / "history.zip",
+                                dataset="digits", config=config)
+            print(f"submitted job {job.id} ({base}{job.urls['self']})", flush=True)
+            job = follow(client, job)
+            if job.status.value != "succeeded":
+                err = job.error.model_dump() if job.error else None
+                print(f"job {job.status.value}: {json.dumps(err)}", file=sys.stderr)
+                return 1
+            files = client.download_all(job.id, args.out / "artifacts")
+    except ClientError as e:
+        raise SystemExit(f"demo: {e}") from None
     finally:
         stop_server(server)
-    summarize(job)
+    print()
+    for line in summary_lines(job.result):
+        print(line)
     print(f"\nartifacts: {', '.join(p.name for p in files)} in {args.out / 'artifacts'}")
     for name in ("report.json", "report.html"):
         print(f"{name}: {(args.out / 'artifacts' / name).resolve()}")

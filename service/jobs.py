@@ -1,8 +1,10 @@
 """Jobs as the API sees them: create, read, list (keyset pages), cancel, events.
 
-No FastAPI or Celery here: routes and tasks call these functions with a session. Domain errors
-(:class:`JobNotFound`, :class:`JobFinished`, :class:`InvalidCursor`) are mapped to problem+json by
-``service.app``.
+No FastAPI or Celery here: routes and tasks call these functions with a session. The API always
+passes the caller's ``tenant_id``, so another tenant's job is indistinguishable from a missing
+one; ``tenant_id=None`` (any tenant) is for the worker, which only holds ids the API created.
+Domain errors (:class:`JobNotFound`, :class:`JobFinished`, :class:`InvalidCursor`) are mapped
+to problem+json by ``service.app``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, selectinload
 
+from . import webhooks
 from .models import Artifact, Job, JobEvent, JobInput
 from .schemas import ArtifactRead, ErrorRead, EventRead, InputRead, JobRead, StageRead
 from .states import JobStatus, transition, utcnow
@@ -51,15 +54,20 @@ class StoredInput:
 
 def add_event(session: Session, job_id: uuid.UUID, kind: str, stage: str | None = None,
               data: dict[str, Any] | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, stage=stage, data=data, at=utcnow()))
+    at = utcnow()
+    session.add(JobEvent(job_id=job_id, kind=kind, stage=stage, data=data, at=at))
+    # The webhook outbox row (if this job wants this event) commits or rolls back with it.
+    webhooks.enqueue_for_event(session, job_id, kind, stage, at)
 
 
-def create_job(session: Session, *, job_id: uuid.UUID, config: dict[str, Any], stages: list[str],
-               model_format: str, inputs: Sequence[StoredInput]) -> Job:
+def create_job(session: Session, *, job_id: uuid.UUID, tenant_id: uuid.UUID, config: dict[str, Any],
+               stages: list[str], model_format: str, inputs: Sequence[StoredInput],
+               idempotency_key: str | None = None, request_hash: str | None = None) -> Job:
     now = utcnow()
-    job = Job(id=job_id, status=JobStatus.queued, config=config, stages=stages,
-              model_format=model_format, dataset=config.get("dataset"), stage_progress=0.0,
-              progress=0.0, created_at=now, updated_at=now)
+    job = Job(id=job_id, tenant_id=tenant_id, status=JobStatus.queued, config=config,
+              stages=stages, model_format=model_format, dataset=config.get("dataset"),
+              stage_progress=0.0, progress=0.0, created_at=now, updated_at=now,
+              idempotency_key=idempotency_key, request_hash=request_hash)
     job.inputs = [JobInput(field=i.field, filename=i.filename[:255], uri=i.uri, size=i.size,
                            sha256=i.sha256) for i in inputs]
     session.add(job)
@@ -67,8 +75,11 @@ def create_job(session: Session, *, job_id: uuid.UUID, config: dict[str, Any], s
     return job
 
 
-def get_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) -> Job:
+def get_job(session: Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None,
+            for_update: bool = False) -> Job:
     stmt = select(Job).where(Job.id == job_id)
+    if tenant_id is not None:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
     if for_update:  # and re-read it: the row may have changed since this session loaded it
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     job = session.scalars(stmt).one_or_none()
@@ -93,10 +104,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidCursor(cursor) from None
 
 
-def list_jobs(session: Session, *, statuses: Sequence[JobStatus] = (), limit: int = 20,
-              cursor: str | None = None) -> tuple[list[Job], str | None]:
-    """Newest first. The cursor is the last row's (created_at, id): stable under inserts."""
-    stmt = select(Job).options(selectinload(Job.inputs))
+def list_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[JobStatus] = (),
+              limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
+    """The tenant's jobs, newest first. The cursor is the last row's (created_at, id): stable
+    under inserts (index ix_jobs_tenant_id_created_at_id)."""
+    stmt = select(Job).options(selectinload(Job.inputs)).where(Job.tenant_id == tenant_id)
     if statuses:
         stmt = stmt.where(Job.status.in_(list(statuses)))
     if cursor:
@@ -108,30 +120,39 @@ def list_jobs(session: Session, *, statuses: Sequence[JobStatus] = (), limit: in
     return rows, (encode_cursor(rows[-1]) if more and rows else None)
 
 
-def list_events(session: Session, job_id: uuid.UUID, *, after: int | None = None,
-                limit: int = 100) -> list[JobEvent]:
-    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+def _of_tenant(stmt, job_id_col, tenant_id: uuid.UUID | None):  # noqa: ANN001, ANN202
+    if tenant_id is None:
+        return stmt
+    return stmt.join(Job, Job.id == job_id_col).where(Job.tenant_id == tenant_id)
+
+
+def list_events(session: Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None,
+                after: int | None = None, limit: int = 100) -> list[JobEvent]:
+    stmt = _of_tenant(select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.job_id, tenant_id)
     if after is not None:
         stmt = stmt.where(JobEvent.id > after)
     return list(session.scalars(stmt.order_by(JobEvent.id).limit(limit)))
 
 
-def list_artifacts(session: Session, job_id: uuid.UUID) -> list[Artifact]:
-    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)
-                                .order_by(Artifact.name)))
+def list_artifacts(session: Session, job_id: uuid.UUID, *,
+                   tenant_id: uuid.UUID | None = None) -> list[Artifact]:
+    stmt = _of_tenant(select(Artifact).where(Artifact.job_id == job_id), Artifact.job_id, tenant_id)
+    return list(session.scalars(stmt.order_by(Artifact.name)))
 
 
-def get_artifact(session: Session, job_id: uuid.UUID, name: str) -> Artifact | None:
-    return session.scalars(select(Artifact).where(Artifact.job_id == job_id,
-                                                  Artifact.name == name)).one_or_none()
+def get_artifact(session: Session, job_id: uuid.UUID, name: str, *,
+                 tenant_id: uuid.UUID | None = None) -> Artifact | None:
+    stmt = select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    return session.scalars(_of_tenant(stmt, Artifact.job_id, tenant_id)).one_or_none()
 
 
 # --- cancel ---------------------------------------------------------------------------------
 
-def request_cancel(session: Session, job_id: uuid.UUID) -> Job:
+def request_cancel(session: Session, job_id: uuid.UUID, *,
+                   tenant_id: uuid.UUID | None = None) -> Job:
     """queued -> cancelled at once; running -> cancelling (the worker stops between batches);
     cancelling/cancelled: nothing to do; succeeded/failed: :class:`JobFinished`."""
-    job = get_job(session, job_id, for_update=True)
+    job = get_job(session, job_id, tenant_id=tenant_id, for_update=True)
     status = JobStatus(job.status)
     if status in (JobStatus.cancelling, JobStatus.cancelled):
         return job
@@ -156,6 +177,7 @@ def job_urls(job: Job) -> dict[str, str]:
     if job.status is JobStatus.succeeded:
         urls["report_json"] = f"{base}/artifacts/report.json"
         urls["report_html"] = f"{base}/artifacts/report.html"
+        urls["report"] = f"{base}/report"  # the same page, inline, for a browser
     return urls
 
 

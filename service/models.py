@@ -4,6 +4,7 @@ The API's response shapes live in ``service.schemas``; these are storage, not co
 """
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -54,14 +55,59 @@ def _enum(cls: type) -> Enum:
                 validate_strings=True, name=cls.__name__.lower())
 
 
+class DeliveryStatus(str, enum.Enum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    """Whose jobs these are. Every API key belongs to one; every job query is scoped to one."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # None: the service-wide DARE_MAX_ACTIVE_JOBS_PER_TENANT applies.
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Signs this tenant's webhooks (Standard Webhooks: "whsec_" + base64 of 32 random bytes);
+    # made on first use by service.webhooks.tenant_secret.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
+
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant",
+                                                  cascade="all, delete-orphan", passive_deletes=True)
+
+
+class ApiKey(Base):
+    """A bearer key, stored as the sha256 of the whole key: the plaintext is shown once, never
+    stored. ``prefix`` (the first characters after ``dare_``) finds the row without a scan."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
 
 
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    # Idempotency-Key of the submission, and the sha256 of its canonical form (service.submission).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued, index=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)
     stages: Mapped[list[str]] = mapped_column(JSONType)
@@ -88,8 +134,11 @@ class Job(Base):
     stage_runs: Mapped[list[StageRun]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                       order_by="StageRun.index")
 
-    # Keyset pagination walks (created_at, id) newest first.
-    __table_args__ = (Index("ix_jobs_created_at_id", "created_at", "id"),)
+    # Keyset pagination walks (created_at, id) newest first, within one tenant; the unique
+    # constraint is what settles two concurrent submissions with the same Idempotency-Key.
+    __table_args__ = (Index("ix_jobs_created_at_id", "created_at", "id"),
+                      Index("ix_jobs_tenant_id_created_at_id", "tenant_id", "created_at", "id"),
+                      UniqueConstraint("tenant_id", "idempotency_key"))
 
 
 class JobInput(Base):
@@ -154,7 +203,7 @@ class StageRun(Base):
 
 class JobEvent(Base):
     """Append-only history: created, stage_started, progress, stage_finished, cancel_requested,
-    cancelled, failed, succeeded."""
+    cancelled, failed, succeeded; requeued (the reconciler re-sent a lost stage message)."""
 
     __tablename__ = "job_events"
 
@@ -166,3 +215,28 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: one row per event to send, written in the same transaction as the
+    job event it reports (``service.jobs.add_event``), sent and retried by
+    ``service.webhooks.deliver_due``."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    msg_id: Mapped[str] = mapped_column(String(40), unique=True, comment="webhook-id header")
+    event_type: Mapped[str] = mapped_column(String(32))  # job.succeeded, job.stage_started, ...
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # The sender's query: pending rows by due time.
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)

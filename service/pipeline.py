@@ -7,7 +7,12 @@ enqueue next, which the caller sends only after this function has committed. No 
 
 Progress reaches the database at most once per ``progress_interval_s``; the cancel flag is read
 from the database at most once per ``cancel_poll_interval_s`` (the engine polls it between
-batches).
+batches). While a stage runs, a heartbeat thread renews its lease (``stage_runs.heartbeat_at``)
+every ``heartbeat_interval_s`` whatever the engine does; a lease older than
+``stage_stale_after_s`` means the worker is gone, and ``service.reconciler`` re-sends the stage.
+
+A cancelled job publishes nothing: becoming cancelled deletes its artifact rows and, after the
+commit, their stored objects; a stage that ends after the cancel registers nothing.
 """
 from __future__ import annotations
 
@@ -17,19 +22,22 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import jobs
 from .db import engine_for, session_factory, session_scope
+from .logs import log_context
 from .models import Artifact, Job, StageRun
 from .settings import Settings, get_settings
 from .states import JobStatus, StageStatus, transition, utcnow
@@ -45,6 +53,7 @@ MEDIA_TYPES = {".json": "application/json", ".html": "text/html; charset=utf-8",
                ".safetensors": "application/octet-stream", ".png": "image/png",
                ".csv": "text/csv"}
 PROGRESS_EVENT_STEP = 0.1  # a progress event each time a stage advances this much
+PURGE_KEY = "dare.purge_uris"  # Session.info: stored objects to delete once the session commits
 
 StageRunner = Callable[[str, Any], dict]
 
@@ -98,6 +107,7 @@ class _Claim:
     stages: list[str]
     config: dict[str, Any]
     inputs: list[tuple[str, str]]  # (canonical file name, uri)
+    task_id: str | None = None  # the message that holds the lease
 
 
 @dataclass
@@ -134,10 +144,14 @@ class Pipeline:
         except ValueError:
             log.error("dropping a message with a bad job id %r", job_id)
             return None
-        claim = self._claim(jid, stage, task_id)
-        if isinstance(claim, _Skip):
-            return claim.next_stage
-        return self._execute(claim)
+        with log_context(job_id=jid, stage=stage):  # every log line below carries both
+            claim = self._claim(jid, stage, task_id)
+            if isinstance(claim, _Skip):
+                return claim.next_stage
+            log.info("job %s: stage %s started (attempt by %s)", jid, stage, self.worker_name)
+            # The lease is renewed from the claim to the commit: downloads, the engine, uploads.
+            with _Heartbeat(self, claim):
+                return self._execute(claim)
 
     def _execute(self, claim: _Claim) -> str | None:
         from worker.engine.config import HardenConfig
@@ -181,7 +195,7 @@ class Pipeline:
     # --- claim ----------------------------------------------------------------------------
 
     def _claim(self, jid: uuid.UUID, stage: str, task_id: str | None) -> _Claim | _Skip:
-        with session_scope(self.factory) as s:
+        with self.transaction() as s:
             job = s.scalars(select(Job).where(Job.id == jid).with_for_update()).one_or_none()
             if job is None:
                 log.warning("dropping stage %s of unknown job %s", stage, jid)
@@ -235,7 +249,8 @@ class Pipeline:
                            {"index": index, "attempt": run.attempts, "worker": self.worker_name})
             return _Claim(job_id=jid, stage=stage, index=index, stages=list(job.stages),
                           config=dict(job.config),
-                          inputs=[(i.uri.rsplit("/", 1)[-1], i.uri) for i in job.inputs])
+                          inputs=[(i.uri.rsplit("/", 1)[-1], i.uri) for i in job.inputs],
+                          task_id=task_id)
 
     @staticmethod
     def _stage_run(s: Session, job: Job, stage: str, index: int) -> StageRun:
@@ -274,10 +289,36 @@ class Pipeline:
                         "media_type": MEDIA_TYPES.get(f.suffix, "application/octet-stream")})
         return out
 
+    def _still_ours(self, s: Session, job: Job, claim: _Claim) -> bool:
+        """Whether this stage may still publish: the job goes on and our message holds the lease
+        (a worker that stalled past it and was replaced must not overwrite the new one's work)."""
+        if JobStatus(job.status) is not JobStatus.running:
+            return False
+        run = self._stage_run(s, job, claim.stage, claim.index)
+        if run.status is not StageStatus.running or run.task_id != claim.task_id:
+            log.warning("job %s: stage %s lost its lease to %s; its result is dropped",
+                        job.id, claim.stage, run.worker)
+            return False
+        return True
+
     def _finish(self, claim: _Claim, summary: Any, duration: float, workdir: Path) -> str | None:
+        with self.transaction() as s:  # cheap check first: cancelled jobs upload nothing
+            job = jobs.get_job(s, claim.job_id)
+            if JobStatus(job.status) is JobStatus.cancelling:
+                job = jobs.get_job(s, claim.job_id, for_update=True)
+                if JobStatus(job.status) is JobStatus.cancelling:
+                    self._cancel_locked(s, job, claim.stage)
+                return None
+            if not self._still_ours(s, job, claim):
+                return None
         new_artifacts = self._collect_artifacts(claim, workdir)
-        with session_scope(self.factory) as s:
+        with self.transaction() as s:
             job = jobs.get_job(s, claim.job_id, for_update=True)
+            if not self._still_ours(s, job, claim):
+                if JobStatus(job.status) is JobStatus.cancelling:  # the cancel came meanwhile
+                    s.info.setdefault(PURGE_KEY, []).extend(a["uri"] for a in new_artifacts)
+                    self._cancel_locked(s, job, claim.stage)
+                return None
             for a in new_artifacts:
                 row = jobs.get_artifact(s, claim.job_id, a["name"])
                 if row is None:
@@ -294,18 +335,12 @@ class Pipeline:
             jobs.add_event(s, job.id, "stage_finished", claim.stage,
                            {"duration_s": run.duration_s,
                             "artifacts": [a["name"] for a in new_artifacts]})
-            status = JobStatus(job.status)
-            if status.is_terminal():
-                return None
             last = claim.index + 1 == len(claim.stages)
             if last:
                 job.result = self.build_result(s, job, workdir)
                 job.stage_progress, job.progress = 1.0, 1.0
                 transition(job, JobStatus.succeeded, now=now)
                 jobs.add_event(s, job.id, "succeeded")
-                return None
-            if status is JobStatus.cancelling:
-                self._cancel_locked(s, job, claim.stage)
                 return None
             nxt = claim.stages[claim.index + 1]
             self._stage_run(s, job, nxt, claim.index + 1)
@@ -362,12 +397,15 @@ class Pipeline:
         log.info("job %s failed in %s: %s", job.id, stage, code)
 
     def mark_cancelled(self, job_id: uuid.UUID, stage: str) -> None:
-        with session_scope(self.factory) as s:
+        with self.transaction() as s:
             job = jobs.get_job(s, job_id, for_update=True)
             if not JobStatus(job.status).is_terminal():
                 self._cancel_locked(s, job, stage)
 
-    def _cancel_locked(self, s: Session, job: Job, stage: str | None) -> None:
+    @staticmethod
+    def _cancel_locked(s: Session, job: Job, stage: str | None) -> None:
+        """Cancel the locked job and unpublish its artifacts: the rows go now, the stored
+        objects once the session commits (see :meth:`transaction`)."""
         if JobStatus(job.status) is JobStatus.running:  # the engine stopped on its own
             transition(job, JobStatus.cancelling)
         transition(job, JobStatus.cancelled)
@@ -376,7 +414,63 @@ class Pipeline:
                                              StageRun.status.in_([StageStatus.running,
                                                                   StageStatus.queued]))
                       .values(status=StageStatus.cancelled, finished_at=utcnow()))
-        jobs.add_event(s, job.id, "cancelled", stage)
+        uris = list(s.scalars(select(Artifact.uri).where(Artifact.job_id == job.id)))
+        s.execute(delete(Artifact).where(Artifact.job_id == job.id))
+        s.info.setdefault(PURGE_KEY, []).extend(uris)
+        jobs.add_event(s, job.id, "cancelled", stage, {"artifacts_removed": len(uris)})
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """``session_scope`` that also deletes the stored objects queued in ``PURGE_KEY``, after
+        the commit: a crash in between leaves an orphan object, never a row without its object."""
+        with session_scope(self.factory) as s:
+            yield s
+            purge = list(s.info.get(PURGE_KEY, ()))
+        delete_objects(self.store, purge)
+
+
+def delete_objects(store: ArtifactStore, uris: list[str]) -> None:
+    for uri in dict.fromkeys(uris):
+        try:
+            store.delete(uri)
+        except Exception:  # the row is gone already: the object is unreachable, only wasted space
+            log.warning("could not delete %s", uri, exc_info=True)
+
+
+class _Heartbeat:
+    """Renews the stage's lease every ``heartbeat_interval_s`` in a thread, independent of the
+    engine's progress calls (one long batch or attack must not look like a dead worker). Only
+    the message that holds the lease renews it."""
+
+    def __init__(self, pipeline: Pipeline, claim: _Claim) -> None:
+        self.p = pipeline
+        self.claim = claim
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"heartbeat-{claim.job_id}-{claim.stage}")
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        c = self.claim
+        while not self._stop.wait(self.p.settings.heartbeat_interval_s):
+            try:
+                with session_scope(self.p.factory) as s:
+                    n = s.execute(update(StageRun).where(
+                        StageRun.job_id == c.job_id, StageRun.name == c.stage,
+                        StageRun.status == StageStatus.running, StageRun.task_id == c.task_id)
+                        .values(heartbeat_at=utcnow())).rowcount
+                if n == 0:  # finished, cancelled, failed, or taken over: nothing left to renew
+                    log.info("job %s: stage %s no longer holds its lease", c.job_id, c.stage)
+                    return
+            except Exception:  # one lost renewal is not fatal: the lease outlasts several
+                log.warning("job %s: heartbeat failed", c.job_id, exc_info=True)
 
 
 class _ProgressWriter:

@@ -69,7 +69,8 @@ class EventRead(BaseModel):
     id: int = Field(description="increasing; pass the last one seen as ?after= to poll for new events")
     at: datetime
     kind: str = Field(description="created, stage_started, progress, stage_finished, cancel_requested, "
-                                  "cancelled, failed or succeeded")
+                                  "cancelled, failed, succeeded, requeued (the reconciler re-sent "
+                                  "a lost stage) or webhook_delivery (one attempt, with its result)")
     stage: str | None
     data: dict[str, Any] | None
 

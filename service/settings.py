@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(None, description="worker job directories; default $DARE_HOME/work")
     upload_tmp_dir: Path | None = Field(None, description="uploads stream here; default $DARE_HOME/uploads")
 
+    # Artifact store: "local" (artifact_root, shared by API and workers) or "s3" (one bucket that
+    # API and workers on any machine reach; credentials from the usual AWS_* variables).
+    artifact_store: Literal["local", "s3"] = "local"
+    s3_bucket: str = Field("", description="bucket for inputs and artifacts (artifact_store=s3)")
+    s3_prefix: str = Field("", description="key prefix inside the bucket, e.g. 'dare/prod'")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible server (MinIO); default AWS")
+    s3_region: str | None = Field(None, description="default: boto3's (AWS_DEFAULT_REGION)")
+
     # Upload limits, per file. The per-kind ones default to max_upload_bytes.
     max_upload_bytes: int = Field(2 * GiB, ge=1)
     max_model_bytes: int | None = Field(None, ge=1)
@@ -36,6 +44,15 @@ class Settings(BaseSettings):
     max_data_bytes: int | None = Field(None, ge=1)
     max_config_bytes: int = Field(64 * 1024, ge=1)
     upload_chunk_bytes: int = Field(1 * MiB, ge=4096)
+    # Hostile input (service.inspection, worker.engine.archive_safety): zip caps checked in the
+    # API, and a deep look at the files in a resource-limited child process before a job exists.
+    max_history_uncompressed_bytes: int = Field(8 * GiB, ge=1, description="declared total of a zip")
+    max_zip_ratio: float = Field(200.0, gt=1, description="per zip member, uncompressed/compressed")
+    submit_inspection: Literal["subprocess", "off"] = Field(
+        "subprocess", description="load the inputs as the engine will before accepting a job")
+    inspection_timeout_s: float = Field(120.0, gt=0, description="wall-clock limit of the inspector")
+    inspection_memory_bytes: int = Field(8 * GiB, ge=GiB, description="RLIMIT_AS of the inspector")
+    inspection_max_concurrent: int = Field(2, ge=1, description="inspector processes at once")
 
     # Pipeline
     queue: str = "gpu"
@@ -44,6 +61,13 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = Field(None, ge=1, description="default: hard limit + 1 h")
     stage_max_attempts: int = Field(3, ge=1, description="deliveries of one stage before the job fails")
     stage_stale_after_s: int = Field(300, ge=1, description="a silent running stage may be taken over")
+    # Crash recovery (service.reconciler): a worker renews its stage's lease every
+    # heartbeat_interval_s; the reconciler re-sends stages whose lease expired and messages
+    # nobody picked up within requeue_after_s (a flushed or restarted broker).
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="lease renewal while a stage runs")
+    requeue_after_s: float = Field(60.0, gt=0, description="re-send an unclaimed stage after this; "
+                                   "also the least time between two re-sends of one job")
+    reconcile_interval_s: float = Field(15.0, ge=0, description="reconciler period in the API; 0 disables")
     progress_interval_s: float = Field(2.0, gt=0, description="at most one progress write per interval")
     cancel_poll_interval_s: float = Field(1.0, gt=0, description="how often the worker re-reads the status")
     broker_poll_interval_s: float = Field(0.1, gt=0, description="filesystem transport polling")
@@ -56,6 +80,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # "required": every /v1 request carries `Authorization: Bearer dare_...` (dare keys create).
+    # "open": no keys, every request acts as tenant "default"; `dare serve` uses it on loopback.
+    auth: Literal["required", "open"] = "required"
+    max_active_jobs_per_tenant: int = Field(4, ge=1, description="queued+running+cancelling jobs "
+                                            "per tenant unless the tenant has its own limit")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line")
+    metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus, no auth)")
+
+    # Webhooks (a transactional outbox; service.webhooks)
+    webhook_max_attempts: int = Field(8, ge=1, description="tries before a delivery is failed")
+    webhook_backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles each try")
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="cap on one retry delay")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="per POST")
+    webhook_poll_interval_s: float = Field(2.0, ge=0, description="outbox polling; 0 disables")
+    webhook_allow_private: bool = Field(
+        False, description="allow webhook URLs on loopback/private/link-local addresses (SSRF)")
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
@@ -69,12 +109,17 @@ class Settings(BaseSettings):
         self.artifact_root = (self.artifact_root or home / "artifacts").expanduser().resolve()
         self.work_dir = (self.work_dir or home / "work").expanduser().resolve()
         self.upload_tmp_dir = (self.upload_tmp_dir or home / "uploads").expanduser().resolve()
+        if self.artifact_store == "s3" and not self.s3_bucket:
+            raise ValueError("DARE_ARTIFACT_STORE=s3 needs DARE_S3_BUCKET (the bucket's name)")
         if self.stage_hard_time_limit_s is None:
             self.stage_hard_time_limit_s = self.stage_soft_time_limit_s + 300
         if self.stage_hard_time_limit_s <= self.stage_soft_time_limit_s:
             raise ValueError("DARE_STAGE_HARD_TIME_LIMIT_S must exceed DARE_STAGE_SOFT_TIME_LIMIT_S")
         if self.broker_visibility_timeout_s is None:
             self.broker_visibility_timeout_s = self.stage_hard_time_limit_s + 3600
+        if self.heartbeat_interval_s >= self.stage_stale_after_s:
+            # a live worker's lease would expire between two renewals
+            raise ValueError("DARE_HEARTBEAT_INTERVAL_S must be below DARE_STAGE_STALE_AFTER_S")
         if self.broker_visibility_timeout_s <= self.stage_hard_time_limit_s:
             # Redis would hand a still-running stage to a second worker.
             raise ValueError("DARE_BROKER_VISIBILITY_TIMEOUT_S must exceed the hard time limit")
@@ -99,6 +144,8 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         for d in (self.artifact_root, self.work_dir, self.upload_tmp_dir):
+            if d is self.artifact_root and self.artifact_store != "local":
+                continue  # the objects live in the bucket
             d.mkdir(parents=True, exist_ok=True)
         if self.is_sqlite:
             self.home.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,12 @@
 Files never sit in memory whole: the body is fed to python-multipart's streaming parser in
 ~1 MiB pieces, and each file part is hashed and written as it arrives. Size limits are enforced
 while streaming, so a body without ``Content-Length`` (chunked) is cut off at the limit too.
+Files land in ``<staging>/inputs/`` under the engine's names (model.onnx, history.zip, data.npz),
+the layout of a job directory, so the inspector (service.inspection) loads them with the
+engine's own code.
+
+The checks here need no torch and never run code from the upload: formats, zip member names,
+zip-bomb caps, ONNX external-data locations. Deeper ones happen in the inspector's process.
 """
 from __future__ import annotations
 
@@ -19,8 +25,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from worker.engine.archive_safety import (MAX_RATIO, MAX_UNCOMPRESSED_BYTES, check_members,
+                                          is_torchscript)
 from worker.engine.errors import InputError
 
+from . import metrics
 from .settings import Settings
 
 FILE_FIELDS = {"model": (".onnx", ".pt2"), "history": (".zip",), "data": (".npz",)}
@@ -119,7 +128,7 @@ class _FormSink:
                     "unsupported_file_type",
                     f"{name!r} must be a {' or '.join(allowed)} file; got {filename!r}",
                     _FORMAT_HINT[name])
-            path = self.form.staging / f"{name}{suffix}"
+            path = self.form.staging / "inputs" / f"{name}{suffix}"
             self._current = ReceivedFile(field=name, filename=filename, suffix=suffix, path=path)
             self._file = path.open("wb")
             self._hash = hashlib.sha256()
@@ -134,6 +143,7 @@ class _FormSink:
         chunk = data[start:end]
         if self._current is not None:
             self._current.size += len(chunk)
+            metrics.count_upload_bytes(self._current.field, len(chunk))
             limit = self.settings.limit_for(self._current.field)
             if self._current.size > limit:
                 raise UploadTooLarge(self._current.field, limit)
@@ -188,7 +198,7 @@ async def receive_form(request: Request, settings: Settings, staging: Path) -> R
     if declared and declared.isdigit() and int(declared) > total_limit:
         raise UploadTooLarge("request body", total_limit)
 
-    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "inputs").mkdir(parents=True, exist_ok=True)
     sink = _FormSink(settings, staging)
     parser = MultipartParser(params[b"boundary"], sink.callbacks())
     buf = bytearray()
@@ -228,46 +238,92 @@ async def receive_form(request: Request, settings: Settings, staging: Path) -> R
     return sink.form
 
 
-# --- cheap format checks (the engine's validate stage does the deep ones) -------------------
+# --- cheap format checks (the inspector and the engine's validate stage do the deep ones) -----
 
-def check_model(f: ReceivedFile) -> str:
+@dataclass(frozen=True)
+class ZipLimits:
+    """Zip-bomb caps (DARE_MAX_HISTORY_UNCOMPRESSED_BYTES, DARE_MAX_ZIP_RATIO)."""
+
+    max_uncompressed: int = MAX_UNCOMPRESSED_BYTES
+    max_ratio: float = MAX_RATIO
+
+    @classmethod
+    def of(cls, settings: Settings | None) -> "ZipLimits":
+        if settings is None:
+            return cls()
+        return cls(settings.max_history_uncompressed_bytes, settings.max_zip_ratio)
+
+
+def check_model(f: ReceivedFile, limits: ZipLimits = ZipLimits()) -> str:
     """Return the model format ("onnx" or "pt2")."""
     if f.suffix == ".onnx":
         import onnx
         from google.protobuf.message import DecodeError
 
         try:
-            onnx.load(str(f.path), load_external_data=False)
+            proto = onnx.load(str(f.path), load_external_data=False)
         except (DecodeError, ValueError, OSError) as e:
             raise InputError("invalid_model", f"model {f.filename!r} is not an ONNX model: {e}",
                              _FORMAT_HINT["model"]) from None
+        _check_onnx_external_data(proto, f.filename)
         return "onnx"
-    if not zipfile.is_zipfile(f.path):
-        raise InputError("invalid_model", f"model {f.filename!r} is not a torch.export archive "
-                         "(a .pt2 is a zip file)", _FORMAT_HINT["model"])
+    names = _open_zip(f, "invalid_model", "a torch.export archive (a .pt2 is a zip file)", limits)
+    # TorchScript runs the code it carries when loaded; say so rather than "corrupt archive".
+    if is_torchscript(names):
+        raise InputError("unsafe_model", f"model {f.filename!r} is a TorchScript archive "
+                         "(torch.jit.save), whose loading runs the code it carries; it is refused",
+                         _FORMAT_HINT["model"])
     return "pt2"
 
 
-def check_history(f: ReceivedFile) -> None:
+def _check_onnx_external_data(proto, filename: str) -> None:  # noqa: ANN001 (onnx.ModelProto)
+    """Name the location of any external tensor data: escaping ones are an attack, any other is
+    still refused, since the upload is one file and the server never opens paths it names."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for t in _get_all_tensors(proto):
+        if not uses_external_data(t):
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        escapes = (location.startswith(("/", "\\")) or "\\" in location or ":" in location
+                   or ".." in location.split("/"))
+        if escapes:
+            raise InputError(
+                "unsafe_model",
+                f"model {filename!r} keeps the tensor {t.name!r} in the external file "
+                f"{location!r}, a path outside the model's directory; it is never opened",
+                "send one self-contained .onnx file: onnx.save(model, path, "
+                "save_as_external_data=False)")
+        raise InputError(
+            "unsupported_model",
+            f"model {filename!r} keeps the tensor {t.name!r} in the external file {location!r}; "
+            "external data (and any link it might be) is never opened",
+            "send one self-contained .onnx file: onnx.save(model, path, "
+            "save_as_external_data=False); models must be under 2 GB")
+
+
+def _open_zip(f: ReceivedFile, code: str, what: str, limits: ZipLimits) -> list[str]:
     try:
         with zipfile.ZipFile(f.path) as z:
-            names = z.namelist()
+            check_members(z, f"{f.field} {f.filename!r}", max_total=limits.max_uncompressed,
+                          max_ratio=limits.max_ratio, hint=_FORMAT_HINT[f.field])
+            return z.namelist()
     except (zipfile.BadZipFile, OSError):
-        raise InputError("invalid_history", f"history {f.filename!r} is not a zip file",
-                         _FORMAT_HINT["history"]) from None
+        raise InputError(code, f"{f.field} {f.filename!r} is not {what}",
+                         _FORMAT_HINT[f.field]) from None
+
+
+def check_history(f: ReceivedFile, limits: ZipLimits = ZipLimits()) -> None:
+    names = _open_zip(f, "invalid_history", "a zip file", limits)
     if not any(n.lower().endswith(CHECKPOINT_SUFFIXES) for n in names):
         raise InputError("invalid_history",
                          f"history {f.filename!r} holds no checkpoint "
                          f"({', '.join(CHECKPOINT_SUFFIXES)})", _FORMAT_HINT["history"])
 
 
-def check_data(f: ReceivedFile) -> None:
-    try:
-        with zipfile.ZipFile(f.path) as z:
-            names = {n.removesuffix(".npy") for n in z.namelist()}
-    except (zipfile.BadZipFile, OSError):
-        raise InputError("invalid_data", f"data {f.filename!r} is not an .npz file (a zip of .npy "
-                         "arrays)", _FORMAT_HINT["data"]) from None
+def check_data(f: ReceivedFile, limits: ZipLimits = ZipLimits()) -> None:
+    names = {n.removesuffix(".npy")
+             for n in _open_zip(f, "invalid_data", "an .npz file (a zip of .npy arrays)", limits)}
     missing = [k for k in NPZ_KEYS if k not in names]
     if missing:
         raise InputError("invalid_data", f"data {f.filename!r} lacks the arrays {', '.join(missing)}",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import celeryd_init, setup_logging, worker_init, worker_process_init
 
 from service.settings import Settings, get_settings
 
@@ -27,6 +27,8 @@ def broker_transport_options(settings: Settings) -> dict:
                 "store_processed": False, "polling_interval": settings.broker_poll_interval_s}
     # Redis re-delivers an unacked message after visibility_timeout: it must outlast the longest
     # stage (the hard time limit), or a second worker would start a stage that is still running.
+    # So a stage whose whole worker died would wait hours: service.reconciler re-sends it as soon
+    # as its lease (stage_runs.heartbeat_at) expires; the late redelivery is then dropped.
     return {"visibility_timeout": settings.broker_visibility_timeout_s}
 
 
@@ -52,6 +54,27 @@ def create_celery(settings: Settings) -> Celery:
         enable_utc=True,
     )
     return app
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """Connecting this signal makes Celery leave logging to us: the worker's lines (and its pool
+    children's, which inherit the handlers) follow DARE_LOG_FORMAT, JSON by default, and carry
+    the job id and stage that ``Pipeline.run`` puts in the log context."""
+    from service.logs import configure_logging
+
+    configure_logging(get_settings().log_format, loglevel or "INFO")
+
+
+@celeryd_init.connect
+def _early_logging(instance: object | None = None, options: dict | None = None,
+                   **_: object) -> None:
+    """The same, sooner: Celery warns (running as root, ...) before it sets up logging, and
+    those warnings should be log lines too. In JSON mode the ASCII-art banner, which is not a
+    log line, is left out (the same facts are in the lines that follow)."""
+    _setup_logging((options or {}).get("loglevel"))
+    if instance is not None and get_settings().log_format == "json":
+        instance.quiet = True
 
 
 @worker_init.connect

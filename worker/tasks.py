@@ -2,7 +2,9 @@
 
 A task is a thin edge: ``Pipeline.run`` claims the stage in the database (a finished stage is
 skipped when its message is delivered again), runs it, commits the outcome, and names the next
-stage; only then is the next message sent. The database, not Celery, holds every status.
+stage; only then is the next message sent. The database, not Celery, holds every status, so
+a message that is lost (a failed send, a flushed broker, a killed worker) is re-sent from it by
+``service.reconciler``.
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ def pipeline():  # noqa: ANN201 (service.pipeline.Pipeline), built once per proc
     global _pipeline
     if _pipeline is None:
         from service.pipeline import pipeline_from_settings
+        from worker.engine import archive_safety
 
         _pipeline = pipeline_from_settings(timeout_errors=(SoftTimeLimitExceeded,))
+        s = _pipeline.settings  # the engine refuses exactly the archives the API would
+        archive_safety.configure(s.max_history_uncompressed_bytes, s.max_zip_ratio)
     return _pipeline
 
 
@@ -53,8 +58,15 @@ class StageTask(Task):
 
     def run_stage(self, job_id: str) -> None:
         nxt = pipeline().run(job_id, self.stage, task_id=self.request.id)
-        if nxt is not None:
+        if nxt is None:
+            return
+        try:
             enqueue(job_id, nxt)  # after Pipeline.run committed
+        except Exception as e:
+            # The stage succeeded and is recorded: failing the job now would be wrong. The next
+            # stage stays queued in the database and the reconciler sends it after
+            # DARE_REQUEUE_AFTER_S.
+            log.error("job %s: could not send stage %s (%s); the reconciler will", job_id, nxt, e)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
         # Pipeline.run handles the stage's own errors; this sees what escaped it, and the hard

@@ -27,8 +27,11 @@ async def readyz(ctx: CtxDep) -> Ready | JSONResponse:
             conn.execute(text("SELECT 1"))
         check_schema(ctx.engine)
 
+    probes = [("database", db), ("broker", ctx.dispatcher.ping)]
+    if hasattr(ctx.store, "ping"):  # a remote store (S3): is the bucket there and reachable?
+        probes.append(("artifact_store", ctx.store.ping))
     checks: dict[str, str] = {}
-    for name, probe in (("database", db), ("broker", ctx.dispatcher.ping)):
+    for name, probe in probes:
         try:
             with anyio.fail_after(5):
                 await anyio.to_thread.run_sync(probe, abandon_on_cancel=True)
@@ -40,5 +43,6 @@ async def readyz(ctx: CtxDep) -> Ready | JSONResponse:
     if all(v == "ok" for v in checks.values()):
         return Ready(status="ready", checks=checks)
     bad = ", ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
-    return problem_response(503, "not_ready", f"not ready ({bad}); check DARE_DATABASE_URL and "
-                            "DARE_BROKER_URL and that those services run", checks=checks)
+    return problem_response(503, "not_ready", f"not ready ({bad}); check DARE_DATABASE_URL, "
+                            "DARE_BROKER_URL (and DARE_S3_* for an S3 store) and that those "
+                            "services run", checks=checks)

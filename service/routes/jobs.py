@@ -5,13 +5,14 @@ import shutil
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import jobs
-from ..deps import CtxDep, JobDep, SessionDep
+from ..deps import CtxDep, JobDep, PrincipalDep, SessionDep
 from ..errors import ProblemError, problem_responses
+from ..idempotency import KEY_PATTERN
 from ..schemas import ArtifactRead, EventList, JobList, JobRead
 from ..states import JobStatus
 from ..submission import submit
@@ -54,31 +55,54 @@ _UPLOAD_BODY = {
     "", status_code=202, response_model=JobRead, summary="Submit a model to harden",
     description="Streams each file to disk (size-limited per file), checks formats cheaply, "
                 "validates the config, queues the job and answers 202 with the job object and a "
-                "Location header. Deep checks (parameter names, opsets) happen in the job's "
-                "validate stage and end the job as failed with a stable error code.",
-    responses=problem_responses(413, 415, 422, 503), openapi_extra=_UPLOAD_BODY)
-async def create_job(request: Request, response: Response, ctx: CtxDep) -> JobRead:
+                "Location header. Before accepting, the files are loaded as the engine will, "
+                "in a resource-limited child process: unusable or hostile inputs (pickled code, "
+                "TorchScript, zip slip, zip bombs, NaN weights, shape or label mismatches) are a "
+                "422 with a stable code.\n\n"
+                "With an `Idempotency-Key` header, a repeat of the same request (same files, "
+                "same fields) answers **200** with the job the first one created and the header "
+                "`Idempotent-Replayed: true`, storing nothing; the same key with a different "
+                "request is a 422 `idempotency_key_reused`. Past the tenant's limit of active "
+                "(queued, running, cancelling) jobs: 429 `too_many_active_jobs` with Retry-After.",
+    responses={200: {"model": JobRead, "description": "an Idempotency-Key replay: the job the "
+                                                      "first request with this key created"},
+               **problem_responses(413, 415, 422, 429, 503)},
+    openapi_extra=_UPLOAD_BODY)
+async def create_job(
+    request: Request, response: Response, ctx: CtxDep, principal: PrincipalDep,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", pattern=KEY_PATTERN,
+        description="any unique string (a UUID) to make retries safe; up to 255 visible ASCII "
+                    "characters; remembered per tenant")] = None,
+) -> JobRead:
     job_id = uuid.uuid4()
     staging = ctx.settings.upload_tmp_dir / str(job_id)
     try:
         form = await receive_form(request, ctx.settings, staging)
-        job = await run_in_threadpool(submit, form, job_id=job_id, factory=ctx.factory,
-                                      store=ctx.store, dispatcher=ctx.dispatcher)
+        done = await run_in_threadpool(
+            submit, form, job_id=job_id, tenant_id=principal.tenant_id, factory=ctx.factory,
+            store=ctx.store, dispatcher=ctx.dispatcher, idempotency_key=idempotency_key,
+            max_active_jobs=ctx.settings.max_active_jobs_per_tenant, settings=ctx.settings)
     finally:
+        # A replayed or refused submission stored nothing: its upload goes with the staging dir.
         await run_in_threadpool(shutil.rmtree, staging, True)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return jobs.job_read(job)
+    if done.replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{done.job.id}"
+    return jobs.job_read(done.job)
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first",
             responses=problem_responses(422))
 def list_jobs(
-    session: SessionDep,
+    session: SessionDep, principal: PrincipalDep,
     status: Annotated[list[JobStatus], Query(description="keep only these statuses (repeatable)")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobList:
-    rows, nxt = jobs.list_jobs(session, statuses=status, limit=limit, cursor=cursor)
+    rows, nxt = jobs.list_jobs(session, tenant_id=principal.tenant_id, statuses=status,
+                               limit=limit, cursor=cursor)
     return JobList(items=[jobs.job_read(j) for j in rows], next_cursor=nxt)
 
 
@@ -91,11 +115,12 @@ def get_job(job: JobDep) -> JobRead:
 @router.get("/{job_id}/events", response_model=EventList, summary="The job's history",
             responses=problem_responses(404))
 def list_events(
-    job: JobDep, session: SessionDep,
+    job: JobDep, session: SessionDep, principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, description="only events after this id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> EventList:
-    rows = jobs.list_events(session, job.id, after=after, limit=limit)
+    rows = jobs.list_events(session, job.id, tenant_id=principal.tenant_id, after=after,
+                            limit=limit)
     return EventList(items=[jobs.event_read(e) for e in rows],
                      next_after=rows[-1].id if rows else after)
 
@@ -105,26 +130,30 @@ def list_events(
                          "and stops between batches. Cancelling twice is harmless; a finished "
                          "job answers 409.",
              responses=problem_responses(404, 409))
-def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
-    job = jobs.request_cancel(session, job.id)
+def cancel_job(job: JobDep, session: SessionDep, principal: PrincipalDep) -> JobRead:
+    job = jobs.request_cancel(session, job.id, tenant_id=principal.tenant_id)
     session.commit()
     return jobs.job_read(job)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactRead],
             summary="The job's artifacts so far", responses=problem_responses(404))
-def list_artifacts(job: JobDep, session: SessionDep) -> list[ArtifactRead]:
-    return [jobs.artifact_read(a) for a in jobs.list_artifacts(session, job.id)]
+def list_artifacts(job: JobDep, session: SessionDep,
+                   principal: PrincipalDep) -> list[ArtifactRead]:
+    rows = jobs.list_artifacts(session, job.id, tenant_id=principal.tenant_id)
+    return [jobs.artifact_read(a) for a in rows]
 
 
 @router.get("/{job_id}/artifacts/{name}", summary="Download an artifact",
             response_class=Response, responses={
                 200: {"description": "the file", "content": {"application/octet-stream": {}}},
                 **problem_responses(404)})
-def download_artifact(job: JobDep, name: str, session: SessionDep, ctx: CtxDep) -> Response:
-    art = jobs.get_artifact(session, job.id, name)
+def download_artifact(job: JobDep, name: str, session: SessionDep, ctx: CtxDep,
+                      principal: PrincipalDep) -> Response:
+    art = jobs.get_artifact(session, job.id, name, tenant_id=principal.tenant_id)
     if art is None or not ctx.store.exists(art.uri):
-        have = [a.name for a in jobs.list_artifacts(session, job.id)]
+        have = [a.name for a in jobs.list_artifacts(session, job.id,
+                                                    tenant_id=principal.tenant_id)]
         hint = (f"this job has: {', '.join(have)}" if have
                 else f"this job has no artifacts yet (status {job.status.value})")
         raise ProblemError(404, "artifact_not_found", f"no artifact {name!r}; {hint}")

@@ -66,7 +66,8 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def clean_db(pg_url: str) -> str:
     with engine_for(pg_url).begin() as c:
-        c.execute(text("TRUNCATE jobs, job_inputs, artifacts, stage_runs, job_events CASCADE"))
+        c.execute(text("TRUNCATE jobs, job_inputs, artifacts, stage_runs, job_events, tenants, "
+                       "api_keys CASCADE"))
     return pg_url
 
 
@@ -74,7 +75,10 @@ def clean_db(pg_url: str) -> str:
 def settings(tmp_path: Path, clean_db: str) -> Settings:
     return Settings(home=tmp_path / "home", database_url=clean_db, broker_url=REDIS_URL,
                     max_upload_bytes=256 * 1024, progress_interval_s=0.2,
-                    cancel_poll_interval_s=0.1, stage_runner=FAKE_RUNNER)
+                    cancel_poll_interval_s=0.1, stage_runner=FAKE_RUNNER,
+                    submit_inspection="off",  # the stand-in subjects are not loadable models
+                    # tests queue many jobs that never finish; test_quotas sets its own limit
+                    max_active_jobs_per_tenant=1000)
 
 
 @pytest.fixture
@@ -90,8 +94,47 @@ def client(settings: Settings, dispatcher: RecordingDispatcher):
 
     app = create_app(settings, dispatcher=dispatcher)
     with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {make_key(app.state.ctx.factory, 't1')}"
         yield c
     app.state.ctx.engine.dispose()
+
+
+@pytest.fixture
+def client_t2(client):
+    """The same app as ``client``, acting as a second tenant "t2"."""
+    from fastapi.testclient import TestClient
+
+    key = make_key(client.app.state.ctx.factory, "t2")
+    return TestClient(client.app, raise_server_exceptions=False,
+                      headers={"Authorization": f"Bearer {key}"})
+
+
+def api_routes(app, prefix: str = "/v1") -> list[tuple[str, str]]:  # noqa: ANN001
+    """(method, path template) of every route under ``prefix``, read from the app's route
+    table, so routes added later are covered by the tests that iterate it."""
+    try:  # FastAPI >= 0.16x keeps included routers lazily; this flattens them
+        from fastapi.routing import iter_route_contexts
+
+        routes = list(iter_route_contexts(app.routes))
+    except ImportError:  # pragma: no cover (older FastAPI: app.routes is flat)
+        routes = app.routes
+    return sorted({(m, r.path) for r in routes if (r.path or "").startswith(prefix)
+                   for m in (r.methods or ()) if m != "HEAD"})
+
+
+def make_key(factory, tenant: str, **kw) -> str:  # noqa: ANN001
+    """A real API key for ``tenant`` (created if new), as `dare keys create` makes it."""
+    from service.auth import create_api_key
+
+    with factory.begin() as s:
+        return create_api_key(s, tenant, **kw)
+
+
+def tenant_id(factory, tenant: str) -> uuid.UUID:  # noqa: ANN001
+    from service.auth import ensure_tenant
+
+    with factory.begin() as s:
+        return ensure_tenant(s, tenant).id
 
 
 @pytest.fixture(scope="session")
@@ -173,11 +216,11 @@ def wait_http(url: str, proc: Proc, timeout: float = 60) -> None:
 
 
 def wait_job(base: str, job_id: str, statuses: set[str], timeout: float,
-             procs: list[Proc] = ()) -> dict:
+             procs: list[Proc] = (), headers: dict[str, str] | None = None) -> dict:
     deadline = time.monotonic() + timeout
     job: dict = {}
     while time.monotonic() < deadline:
-        job = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
+        job = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10, headers=headers).json()
         if job["status"] in statuses:
             return job
         time.sleep(0.3)

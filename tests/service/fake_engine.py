@@ -4,8 +4,10 @@
 It honours the engine's rules: a finished stage (state/<name>.done.json) returns its summary
 without work; progress goes from 0 to 1; ``cancelled()`` is polled between "batches". The job's
 ``seed`` picks a behaviour: FAIL_INPUT_SEED fails ``mine`` with an InputError, FAIL_BUG_SEED
-raises a bug in ``slice``, SLOW_SEED makes every stage take ~SLOW_SECONDS, CRASH_SEED kills
-the worker process in the middle of ``slice`` once (only where DARE_FAKE_ALLOW_CRASH=1).
+raises a bug in ``slice``, SLOW_SEED makes every stage take ~SLOW_SECONDS (DARE_FAKE_SLOW_SECONDS
+overrides it; DARE_FAKE_SLOW_STAGES=a,b limits it to those stages), CRASH_SEED kills the worker process in the middle of ``slice`` once, and
+KILL_ALWAYS_SEED kills the worker's whole process group (main process and pool) in the middle of
+``slice`` every time (both only where DARE_FAKE_ALLOW_CRASH=1).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ FAIL_BUG_SEED = 1002
 SLOW_SEED = 1003
 SLOW_SECONDS = 20.0
 CRASH_SEED = 1004
+KILL_ALWAYS_SEED = 1005
 SECRET = "s3cr3t-internal-detail"
 
 CALLS: list[str] = []  # in-process tests count real (not skipped) runs
@@ -40,8 +43,16 @@ def run_stage(name: str, ctx) -> dict:  # noqa: ANN001
         state.mkdir(parents=True, exist_ok=True)
         marker.write_text("")
         os.kill(os.getpid(), signal.SIGKILL)  # like the OOM killer, mid-stage
+    if seed == KILL_ALWAYS_SEED and name == "slice" \
+            and os.environ.get("DARE_FAKE_ALLOW_CRASH") == "1":
+        time.sleep(0.3)  # the claim is committed and the lease is being renewed
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # a machine that dies on this job, every time
     steps = 20
-    per_step = (SLOW_SECONDS if seed == SLOW_SEED else 0.05) / steps
+    slow = float(os.environ.get("DARE_FAKE_SLOW_SECONDS", SLOW_SECONDS))
+    slow_stages = os.environ.get("DARE_FAKE_SLOW_STAGES")
+    if slow_stages and name not in slow_stages.split(","):
+        slow = 0.05
+    per_step = (slow if seed == SLOW_SEED else 0.05) / steps
     for i in range(steps):
         if ctx.cancelled():
             raise Cancelled()

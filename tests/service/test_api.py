@@ -13,7 +13,7 @@ from service.states import JobStatus, utcnow
 from service.storage import LocalArtifactStore
 
 from . import fake_engine
-from .conftest import submit_files
+from .conftest import submit_files, tenant_id
 
 CONTRACT_KEYS = {"id", "status", "stage", "progress", "created_at", "started_at", "finished_at",
                  "error", "result", "urls"}
@@ -92,11 +92,12 @@ def _seed_jobs(client, n: int) -> list[str]:
     ctx = client.app.state.ctx
     base = utcnow()
     ids = []
+    t1 = tenant_id(ctx.factory, "t1")  # the client fixture's tenant
     with ctx.factory.begin() as s:
         for k in range(n):
             jid = uuid.uuid4()
-            job = jobs.create_job(s, job_id=jid, config={}, stages=["validate"], model_format="onnx",
-                                  inputs=[])
+            job = jobs.create_job(s, job_id=jid, tenant_id=t1, config={}, stages=["validate"],
+                                  model_format="onnx", inputs=[])
             job.created_at = base - timedelta(seconds=k // 2)  # pairs share a timestamp
             if k % 3 == 0:
                 job.status = JobStatus.failed

@@ -5,6 +5,7 @@ process on Redis and PostgreSQL), once on the embedded one (`dare serve`: SQLite
 broker)."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 
@@ -14,8 +15,8 @@ import pytest
 
 from service.cli import worker_argv
 
-from .conftest import (REDIS_URL, REPO, Proc, dare_cmd, free_port, service_env, wait_http,
-                       wait_job)
+from .conftest import (REDIS_URL, REPO, Proc, dare_cmd, free_port, make_key, service_env,
+                       wait_http, wait_job)
 
 pytestmark = pytest.mark.slow
 
@@ -50,23 +51,25 @@ def subject(tmp_path_factory):
     return out
 
 
-def _check_succeeded(base: str, job_id: str, subject, procs, expect: set[str]) -> None:
+def _check_succeeded(base: str, job_id: str, subject, procs, expect: set[str],
+                     headers: dict[str, str] | None = None) -> None:
     import onnxruntime as ort
 
-    job = wait_job(base, job_id, TERMINAL, 300, procs)
+    get = functools.partial(httpx.get, headers=headers)
+    job = wait_job(base, job_id, TERMINAL, 300, procs, headers=headers)
     assert job["status"] == "succeeded", job
     assert job["progress"] == 1.0 and job["error"] is None
     res = job["result"]
     assert set(res["attacks"]) == {"fgsm", "pgd"}
     for a in res["attacks"].values():
         assert set(a) == {"original_accuracy", "transfer_er", "adaptive_accuracy"}
-    arts = {a["name"]: a for a in httpx.get(f"{base}/v1/jobs/{job_id}/artifacts").json()}
+    arts = {a["name"]: a for a in get(f"{base}/v1/jobs/{job_id}/artifacts").json()}
     assert expect <= set(arts), arts
-    report = httpx.get(f"{base}/v1/jobs/{job_id}/artifacts/report.json").json()
+    report = get(f"{base}/v1/jobs/{job_id}/artifacts/report.json").json()
     assert report["schema_version"] == 1
-    assert "<html" in httpx.get(f"{base}/v1/jobs/{job_id}/artifacts/report.html").text.lower()
+    assert "<html" in get(f"{base}/v1/jobs/{job_id}/artifacts/report.html").text.lower()
 
-    onnx_bytes = httpx.get(f"{base}/v1/jobs/{job_id}/artifacts/hardened.onnx", timeout=60).content
+    onnx_bytes = get(f"{base}/v1/jobs/{job_id}/artifacts/hardened.onnx", timeout=60).content
     assert len(onnx_bytes) == arts["hardened.onnx"]["size"]
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     data = np.load(subject / "data.npz")
@@ -79,7 +82,7 @@ def _check_succeeded(base: str, job_id: str, subject, procs, expect: set[str]) -
     assert acc > 0.7, acc  # a hardened digits LeNet still classifies digits
     assert abs(acc - report["clean_accuracy"]["hardened"]) < 0.05, (acc, report["clean_accuracy"])
 
-    kinds = [e["kind"] for e in httpx.get(f"{base}/v1/jobs/{job_id}/events").json()["items"]]
+    kinds = [e["kind"] for e in get(f"{base}/v1/jobs/{job_id}/events").json()["items"]]
     assert kinds.count("stage_started") == len(job_stages(job)) and kinds[-1] == "succeeded"
 
 
@@ -96,18 +99,24 @@ def test_production_topology_redis_postgres(subject, pg_url, tmp_path):
                       DARE_BROKER_URL=REDIS_URL)
     subprocess.run(dare_cmd("db", "upgrade"), cwd=REPO, env=env, check=True, capture_output=True,
                    timeout=120)  # what the compose "migrate" service runs
+    from service.db import engine_for, session_factory
+
+    auth = {"Authorization": f"Bearer {make_key(session_factory(engine_for(pg_url)), 'e2e')}"}
     api = Proc("api", dare_cmd("api", "--port", str(port)), env, tmp_path)
     worker = Proc("worker", worker_argv(), env, tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/readyz", api)
+        assert httpx.get(f"{base}/v1/jobs").status_code == 401  # `dare api` requires a key
         with (subject / "model.onnx").open("rb") as m, (subject / "history.zip").open("rb") as h:
             r = httpx.post(f"{base}/v1/jobs", files={"model": ("model.onnx", m),
                                                      "history": ("history.zip", h)},
-                           data={"dataset": "digits", "config": json.dumps(CONFIG)}, timeout=60)
+                           data={"dataset": "digits", "config": json.dumps(CONFIG)}, timeout=60,
+                           headers=auth)
         assert r.status_code == 202, r.text
         _check_succeeded(base, r.json()["id"], subject, [api, worker],
-                         {"hardened.onnx", "hardened.safetensors", "report.json", "report.html"})
+                         {"hardened.onnx", "hardened.safetensors", "report.json", "report.html"},
+                         headers=auth)
     finally:
         worker.stop()
         api.stop()
@@ -120,6 +129,7 @@ def test_embedded_dare_serve_with_pt2_and_npz(subject, tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/readyz", serve, timeout=120)
+        assert "open (no authentication) on loopback" in serve.log.read_text()
         with (subject / "model.pt2").open("rb") as m, (subject / "history.zip").open("rb") as h, \
                 (subject / "data.npz").open("rb") as d:
             r = httpx.post(f"{base}/v1/jobs", files={"model": ("model.pt2", m),

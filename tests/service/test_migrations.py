@@ -17,7 +17,7 @@ from service.models import Base
 
 from .conftest import PG_ADMIN_URL, PG_HOST, REPO, service_env
 
-TABLES = {"jobs", "job_inputs", "artifacts", "stage_runs", "job_events"}
+TABLES = {"jobs", "job_inputs", "artifacts", "stage_runs", "job_events", "tenants", "api_keys"}
 
 
 @pytest.fixture
@@ -57,6 +57,51 @@ def test_upgrade_to_head_matches_models_then_downgrade_to_base(db_url):
         assert not TABLES & set(inspect(engine).get_table_names())
         upgrade(db_url)  # and up again: downgrade left nothing behind
         assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_0002_gives_existing_jobs_the_default_tenant_and_keeps_their_rows(db_url):
+    """0002 rebuilds `jobs` on SQLite; with foreign keys on, a careless rebuild would cascade-
+    delete every job's inputs. Up and down with a job in place, on both backends."""
+    upgrade(db_url, "0001")
+    engine = make_engine(db_url)
+    jid = uuid.uuid4()
+    job_id = jid.hex if db_url.startswith("sqlite") else str(jid)
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO jobs (id, status, config, stages, model_format, "
+                           "stage_progress, progress, created_at, updated_at) VALUES (:i, 'queued', "
+                           "'{}', '[]', 'onnx', 0, 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"),
+                      {"i": job_id})
+            c.execute(text("INSERT INTO job_inputs (job_id, field, filename, uri, size, sha256) "
+                           "VALUES (:i, 'model', 'm.onnx', 'file:///x', 1, 'ab')"), {"i": job_id})
+        engine.dispose()
+        upgrade(db_url, "0002")
+        with engine.connect() as c:
+            tenant = c.execute(text("SELECT t.name FROM jobs j JOIN tenants t ON t.id = j.tenant_id"
+                                    )).scalars().all()
+            assert tenant == ["default"]
+            assert c.execute(text("SELECT count(*) FROM job_inputs")).scalar() == 1
+        fks = inspect(engine).get_foreign_keys("jobs")
+        assert [fk["referred_table"] for fk in fks] == ["tenants"]
+        assert {c["name"]: c["nullable"] for c in inspect(engine).get_columns("jobs")}["tenant_id"] \
+            is False
+        engine.dispose()
+        upgrade(db_url)  # through 0003 (webhooks) and back with the job in place
+        engine.dispose()
+        downgrade(db_url, "0002")
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
+            assert c.execute(text("SELECT count(*) FROM tenants")).scalar() == 1
+        assert "webhook_secret" not in {c["name"] for c in inspect(engine).get_columns("tenants")}
+        engine.dispose()
+        downgrade(db_url, "0001")
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
+            assert c.execute(text("SELECT count(*) FROM job_inputs")).scalar() == 1
+        assert "tenant_id" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        assert not {"tenants", "api_keys"} & set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
 

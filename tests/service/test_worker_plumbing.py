@@ -28,7 +28,10 @@ def stack(pg_url, tmp_path_factory):
     env = service_env(DARE_HOME=str(home), DARE_DATABASE_URL=pg_url, DARE_BROKER_URL=REDIS_URL,
                       DARE_STAGE_RUNNER=FAKE_RUNNER, DARE_PROGRESS_INTERVAL_S="0.3",
                       DARE_CANCEL_POLL_INTERVAL_S="0.2", DARE_MAX_UPLOAD_BYTES=str(4 << 20),
-                      DARE_FAKE_ALLOW_CRASH="1")
+                      DARE_FAKE_ALLOW_CRASH="1",
+                      # plumbing, not authentication (test_auth/test_e2e use real keys): open mode,
+                      # and no quota in the way of the jobs these tests leave queued
+                      DARE_AUTH="open", DARE_SUBMIT_INSPECTION="off", DARE_MAX_ACTIVE_JOBS_PER_TENANT="100")
     api = Proc("api", dare_cmd("api", "--port", str(port)), env, home)
     worker = Proc("worker", worker_argv(), env, home)
     base = f"http://127.0.0.1:{port}"

@@ -72,8 +72,28 @@ class HardenConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    webhook_url: str | None = None
+    # Service-level fields (the engine ignores them): where service.webhooks POSTs this job's
+    # events. Only the shape is checked here; the API refuses private addresses at submission.
+    webhook_url: str | None = Field(None, max_length=2048,
+                                    description="http(s) URL that receives signed job events")
+    webhook_stage_events: bool = Field(False, description="also send job.stage_started/finished")
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL, e.g. "
+                             "https://hooks.example.com/dare")
+        return v
 
 
 def parse_config(raw: dict | str | None) -> HardenConfig:

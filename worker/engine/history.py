@@ -7,8 +7,9 @@ names for ONNX models). The order is the epoch number in the file names (``epoch
 ``ckpt-12``, ...) or the order of a ``manifest.json`` that lists the files.
 
 Members are read into memory by name; nothing is extracted, and names that could escape a
-directory ('..', absolute paths) or are symlinks are refused anyway, since such an archive is
-either broken or hostile.
+directory ('..', absolute paths, backslashes, drive letters) or are symlinks are refused anyway,
+since such an archive is either broken or hostile. Zip bombs: the declared sizes are capped up
+front and the bytes actually decompressed again while reading (declared sizes can lie).
 """
 from __future__ import annotations
 
@@ -16,18 +17,17 @@ import io
 import json
 import pickle
 import re
-import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
+from .archive_safety import CAPS, ReadBudget, check_ratio, unsafe_name_reason
 from .errors import InputError
 from .modelio import LoadedModel
 
 CHECKPOINT_EXTS = (".safetensors", ".pt", ".pth", ".pt2", ".onnx")
-MAX_TOTAL_BYTES = 16 << 30  # uncompressed; a guard against zip bombs
 _HINT = ("the history is a .zip of per-epoch checkpoints (.safetensors, .pt state dicts, .pt2 or "
          ".onnx) of this model, named with their epoch (epoch_1.safetensors, ...) or listed in "
          "order in a manifest.json")
@@ -69,8 +69,9 @@ def load_history(zip_path, model: LoadedModel, workdir=None) -> list[Checkpoint]
         params = model.param_names
         dtypes = {c: t.dtype for c, t in model.canonical_state(model.gm.state_dict()).items()}
         out = []
+        budget = ReadBudget(f"history file '{zip_path.name}'", CAPS.max_total, CAPS.max_ratio)
         for epoch, info in ordered:
-            tensors = _read_member(zf, info)
+            tensors = _read_member(zf, info, budget)
             canonical = _validate(info.filename, tensors, expected, params, dtypes)
             out.append(Checkpoint(epoch=epoch, name=info.filename, state=model.gm_state(canonical)))
     return out
@@ -80,21 +81,19 @@ def _safe_members(zf: zipfile.ZipFile, zname: str) -> list[zipfile.ZipInfo]:
     members, total = [], 0
     for info in zf.infolist():
         name = info.filename
-        parts = PurePosixPath(name.replace("\\", "/")).parts
-        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        parts = PurePosixPath(name).parts
+        why = unsafe_name_reason(info)
+        if why:
             raise InputError("unsafe_archive",
-                             f"history file '{zname}' has the member '{name}', whose path "
-                             "leaves the archive", _HINT)
-        if stat.S_ISLNK(info.external_attr >> 16):
-            raise InputError("unsafe_archive",
-                             f"history file '{zname}' has the symbolic link '{name}'", _HINT)
+                             f"history file '{zname}' has the member '{name}', which {why}", _HINT)
         if info.is_dir() or parts[0] == "__MACOSX" or parts[-1].startswith("."):
             continue
+        check_ratio(info, info.file_size, f"history file '{zname}'", CAPS.max_ratio)
         total += info.file_size
-        if total > MAX_TOTAL_BYTES:
+        if total > CAPS.max_total:
             raise InputError("history_too_large",
-                             f"history file '{zname}' unpacks to more than "
-                             f"{MAX_TOTAL_BYTES >> 30} GiB", _HINT)
+                             f"history file '{zname}' unpacks to more than {CAPS.max_total} "
+                             "bytes (DARE_MAX_HISTORY_UNCOMPRESSED_BYTES)", _HINT)
         members.append(info)
     return members
 
@@ -187,11 +186,12 @@ def _from_manifest(zf, man, ckpts, zname) -> list[tuple[int, zipfile.ZipInfo]] |
     return out
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, torch.Tensor]:
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: ReadBudget
+                 ) -> dict[str, torch.Tensor]:
     name = info.filename
     ext = PurePosixPath(name.lower()).suffix
     try:
-        raw = zf.read(info)
+        raw = budget.read_member(zf, info)
     except (zipfile.BadZipFile, OSError, RuntimeError) as e:
         raise InputError("history_unreadable", f"checkpoint '{name}' cannot be read: {e}",
                          _HINT) from None
@@ -208,7 +208,8 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, torch.
             try:
                 check_pt2_archive(raw, f"checkpoint '{name}'")
             except InputError as e:
-                code = "unsafe_checkpoint" if e.code == "unsafe_model" else "history_unreadable"
+                code = {"unsafe_model": "unsafe_checkpoint", "unsafe_archive": "unsafe_archive",
+                        "zip_bomb": "zip_bomb"}.get(e.code, "history_unreadable")
                 raise InputError(code, e.message, e.hint) from None
             ep = torch.export.load(io.BytesIO(raw))
             return {k: v.detach() for k, v in ep.state_dict.items()}
@@ -238,6 +239,17 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 
 def _load_pt(raw: bytes, name: str) -> dict[str, torch.Tensor]:
+    if zipfile.is_zipfile(io.BytesIO(raw)):
+        from .archive_safety import is_torchscript
+
+        with zipfile.ZipFile(io.BytesIO(raw)) as inner:
+            if is_torchscript(inner.namelist()):  # torch.load would hand it to torch.jit.load
+                raise InputError(
+                    "unsafe_checkpoint",
+                    f"checkpoint '{name}' is a TorchScript archive (torch.jit.save), which carries "
+                    "code; only state dicts are read",
+                    "save a plain state dict (torch.save(model.state_dict(), path)) or use "
+                    "safetensors")
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -105,8 +105,28 @@ def load_model(path) -> LoadedModel:
     for p in lm.gm.parameters():
         p.requires_grad_(True)
     lm.gm.eval()
+    check_finite_weights(lm)
     lm.num_outputs = _probe_outputs(lm)
     return lm
+
+
+def check_finite_weights(lm: LoadedModel) -> None:
+    """Refuse NaN/Inf in the model's own weights: every stage would turn them into NaN logits,
+    and the job would fail hours later with a meaningless error."""
+    canonical = {k: c for c, k in lm.name_map.items()}
+    _refuse_non_finite(((canonical.get(k, k), t) for k, t in lm.gm.state_dict().items()),
+                       lm.path.name)
+
+
+def _refuse_non_finite(named, fname: str) -> None:  # noqa: ANN001 (name, tensor) pairs
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(
+                "model_not_finite",
+                f"model '{fname}': tensor '{name}' holds {bad} NaN or infinite value(s)",
+                "export the model from a checkpoint taken before training diverged",
+            )
 
 
 def _probe_outputs(lm: LoadedModel) -> int:
@@ -188,7 +208,14 @@ def check_pt2_archive(src, name: str) -> None:
         )
 
     with zf:
+        from .archive_safety import CAPS, check_members, is_torchscript
+
+        check_members(zf, name, max_total=CAPS.max_total, max_ratio=CAPS.max_ratio, hint=_PT2_HINT)
         names = zf.namelist()
+        if is_torchscript(names):
+            raise unsafe(names[0].split("/")[0] + "/code/",
+                         "holds TorchScript code: this is a torch.jit.save archive, whose loading "
+                         "runs the code it carries")
         raw = set()  # tensor payloads stored as raw bytes, never unpickled
         for n in names:
             if n.endswith(("_weights_config.json", "_constants_config.json")):
@@ -289,13 +316,15 @@ def read_onnx(path: Path):
 def check_no_external_data(proto, name: str) -> None:
     """Refuse ONNX tensors stored in side files: the upload is one self-contained file, and
     following its paths would read files of the server."""
-    from onnx.external_data_helper import uses_external_data
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    for t in proto.graph.initializer:
+    for t in _get_all_tensors(proto):  # initializers and tensors inside node attributes
         if uses_external_data(t):
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
             raise InputError(
                 "unsupported_model",
-                f"{name} keeps the tensor '{t.name}' in an external data file",
+                f"{name} keeps the tensor '{t.name}' in the external data file {location!r}; "
+                "external data is never read (it would open files on the server)",
                 "send one self-contained .onnx file (onnx.save(model, path, "
                 "save_as_external_data=False); models must be under 2 GB)",
             )
@@ -409,6 +438,8 @@ def _load_onnx(path: Path) -> LoadedModel:
             _ONNX_HINT,
         ) from None
     gm.eval()
+    # Before the name mapping, which matches tensors by value (and NaN equals nothing).
+    _refuse_non_finite(onnx_initializers(proto).items(), path.name)
     name_map, transposed = _onnx_name_map(proto, gm, path.name)
     return LoadedModel(gm=gm, fmt="onnx", path=path, input_shape=input_shape, num_outputs=0,
                        name_map=name_map, transposed=transposed)

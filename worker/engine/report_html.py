@@ -1,227 +1,595 @@
-"""``report.html``: one self-contained page for people (no scripts, fonts or images from anywhere).
+"""``report.html``: one self-contained page a person takes in at a glance.
 
-Charts are inline SVG drawn here: per attack, bars for the original model on its own adversarial
-set, the hardened model on that set (transfer) and the hardened model under the attack re-run
-against it (adaptive); clean accuracy before and after against the budget; PGD accuracy over
-epsilon. Sanity verdicts, timings and the method comparison are tables. A first version: layout
-and styling are deliberately plain.
+No scripts, fonts, images or styles from anywhere: CSS is inline and every chart is an inline SVG
+drawn here, so the page works offline, inside a strict Content-Security-Policy
+(``default-src 'none'; style-src 'unsafe-inline'``) and as an e-mail attachment.
+
+Top to bottom: a headline (did hardening raise the adaptive robust accuracy, is the clean-accuracy
+budget kept, did the sanity checks pass), grouped bars per attack (original model on its own
+adversarial set, hardened model on that set = transfer ER, hardened model re-attacked = adaptive),
+clean accuracy before and after against the budget floor, PGD accuracy over epsilon, the method
+comparison when there is one, the sanity verdicts, stage timings, and the settings folded away.
+
+Every string that can come from a user (config values, file names, method names) goes through
+``_e``. Every number may be missing (``None`` in report.json, or the key absent in an older or
+partial report): the page then says "n/a" instead of failing.
+
+Colours are the Okabe-Ito palette (Okabe & Ito 2008, "Color Universal Design"), distinguishable
+with the common colour-vision deficiencies; series also differ in lightness and every verdict is
+spelled out in words, so nothing depends on colour alone.
 """
 from __future__ import annotations
 
 import json
+import math
 from html import escape
 
-COLORS = {"original": "#7f7f7f", "transfer": "#1f77b4", "adaptive": "#d62728",
-          "hardened": "#2ca02c", "budget": "#ff7f0e"}
-LINE_COLORS = ("#7f7f7f", "#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-               "#17becf", "#bcbd22", "#ff7f0e")
+# Okabe-Ito. The hardened model is always blue: light for transfer, dark for adaptive.
+ORIGINAL = "#E69F00"  # orange
+TRANSFER = "#56B4E9"  # sky blue
+ADAPTIVE = "#0072B2"  # blue
+HARDENED = ADAPTIVE
+BUDGET = "#D55E00"    # vermillion
+PASS = "#009E73"      # bluish green
+FAIL = "#D55E00"      # vermillion
+TIMING = "#7A8B99"    # neutral slate: timings are not good or bad
+RECOMMENDED = "#CC79A7"  # reddish purple
+OTHER = "#A7B0B9"     # grey: the compared methods that are neither reported nor recommended
+INK, MUTED, GRID = "#1d2530", "#5b6673", "#e3e7eb"
+
+SERIES = (("original_accuracy", "original model, attacked itself", ORIGINAL),
+          ("transfer_er", "hardened, same adversarial examples (transfer ER)", TRANSFER),
+          ("adaptive_accuracy", "hardened, attack re-run against it (adaptive)", ADAPTIVE))
+
 REDACTED_CONFIG_KEYS = ("webhook_url",)  # may carry a secret token; the page gets shared around
+_RAISE_TOL = 0.0005  # below 0.05 points a change is reported as "no change"
 
 
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
+# --- small helpers --------------------------------------------------------------------------
+
+def _e(v: object) -> str:
+    """HTML-escape anything (quotes too: values also land in attributes)."""
+    return escape(str(v), quote=True)
 
 
-def _bars(items: list[tuple[str, float | None, str]], *, width: int = 360, marker: float | None = None,
-          marker_label: str = "") -> str:
-    """Horizontal bars for values in [0, 1]; ``marker`` draws a vertical reference line."""
-    label_w, bar_w, row_h = 130, width - 130 - 60, 22
-    h = row_h * len(items) + 20
-    out = [f'<svg class="chart" width="{width}" height="{h}" viewBox="0 0 {width} {h}" role="img">']
-    for i, (label, v, color) in enumerate(items):
-        y = 4 + i * row_h
-        out.append(f'<text x="0" y="{y + 14}" font-size="12">{escape(label)}</text>')
-        out.append(f'<rect x="{label_w}" y="{y}" width="{bar_w}" height="{row_h - 6}" fill="#eee"/>')
-        if v is not None:
-            out.append(f'<rect x="{label_w}" y="{y}" width="{bar_w * max(0.0, min(1.0, v)):.1f}" '
-                       f'height="{row_h - 6}" fill="{color}"><title>{escape(label)}: {_pct(v)}</title></rect>')
-        out.append(f'<text x="{label_w + bar_w + 4}" y="{y + 14}" font-size="12">{_pct(v)}</text>')
-    if marker is not None:
-        x = label_w + bar_w * max(0.0, min(1.0, marker))
-        out.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{h - 14}" stroke="{COLORS["budget"]}" '
-                   f'stroke-width="2" stroke-dasharray="4 2"/>')
-        out.append(f'<text x="{x:.1f}" y="{h - 2}" font-size="11" text-anchor="middle" '
-                   f'fill="{COLORS["budget"]}">{escape(marker_label)}</text>')
+def _num(v: object) -> float | None:
+    """A finite number, or None for missing/NaN/non-numeric values (bool is not a number here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _pct(v: object, digits: int = 1) -> str:
+    x = _num(v)
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _pts(v: float) -> str:
+    return f"{100 * v:+.1f} points"
+
+
+def _clamp01(v: float) -> float:
+    return max(0.0, min(1.0, v))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _dict(v: object) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _badge(ok: object, yes: str = "PASS", no: str = "FAIL") -> str:
+    if ok is None:
+        return '<span class="badge na">n/a</span>'
+    return (f'<span class="badge pass">&#10003; {_e(yes)}</span>' if ok
+            else f'<span class="badge fail">&#10007; {_e(no)}</span>')
+
+
+def _redact(config: object) -> object:
+    if isinstance(config, dict):
+        return {k: ("(redacted)" if k in REDACTED_CONFIG_KEYS and v else _redact(v))
+                for k, v in config.items()}
+    if isinstance(config, list):
+        return [_redact(v) for v in config]
+    return config
+
+
+def _svg_open(chart: str, width: int, height: int, label: str) -> str:
+    # data-chart names the plot for tests that look at the rendered page.
+    return (f'<svg class="chart" data-chart="{chart}" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(label)}">')
+
+
+def _text(x: float, y: float, s: str, *, size: int = 12, anchor: str = "start", fill: str = INK,
+          weight: str = "normal", extra: str = "") -> str:
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
+            f'fill="{fill}" font-weight="{weight}"{extra}>{_e(s)}</text>')
+
+
+def _legend(items: list[tuple[str, str]], *, line: bool = False) -> str:
+    spans = "".join(f'<span class="key"><i class="{"ln" if line else "sw"}" '
+                    f'style="background:{c}"></i>{_e(label)}</span>' for label, c in items)
+    return f'<div class="legend">{spans}</div>'
+
+
+# --- charts ---------------------------------------------------------------------------------
+
+def attack_chart(attacks: dict) -> str:
+    """Grouped vertical bars: per attack, original / transfer / adaptive accuracy in [0, 1]."""
+    names = list(attacks)
+    width, height = 1080, 330
+    left, right, top, bottom = 64, 12, 22, 64
+    pw, ph = width - left - right, height - top - bottom
+    gw = pw / max(1, len(names))
+    bw = min(56.0, gw * 0.78 / 3)
+    out = [_svg_open("attacks", width, height, "accuracy per attack, before and after hardening")]
+    for t in range(0, 101, 20):
+        y = top + ph * (1 - t / 100)
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="{GRID}"/>')
+        out.append(_text(left - 6, y + 4, f"{t}%", size=11, anchor="end", fill=MUTED))
+    out.append(_text(16, top + ph / 2, "accuracy on adversarial examples", size=12, anchor="middle",
+                     fill=MUTED, extra=f' transform="rotate(-90 16 {top + ph / 2:.1f})"'))
+    for i, name in enumerate(names):
+        a = _dict(attacks[name])
+        x0 = left + gw * i + (gw - 3 * bw) / 2
+        for j, (key, label, color) in enumerate(SERIES):
+            v = _num(a.get(key))
+            x = x0 + j * bw
+            if v is None:  # e.g. adaptive attacks switched off, or the attack failed
+                out.append(f'<rect x="{x + 2:.1f}" y="{top + ph - 40:.1f}" width="{bw - 4:.1f}" '
+                           f'height="40" fill="none" stroke="{MUTED}" stroke-dasharray="3 3"/>')
+                out.append(_text(x + bw / 2, top + ph - 46, "n/a", size=11, anchor="middle",
+                                 fill=MUTED))
+                continue
+            h = ph * _clamp01(v)
+            out.append(f'<rect x="{x + 2:.1f}" y="{top + ph - h:.1f}" width="{bw - 4:.1f}" '
+                       f'height="{h:.1f}" fill="{color}"><title>{_e(name.upper())}, '
+                       f'{_e(label)}: {_pct(v)}</title></rect>')
+            out.append(_text(x + bw / 2, top + ph - h - 5, _pct(v, 0), size=11, anchor="middle"))
+        cx = left + gw * (i + 0.5)
+        out.append(_text(cx, top + ph + 20, name.upper(), size=13, anchor="middle", weight="bold"))
+        n = a.get("n")
+        out.append(_text(cx, top + ph + 36, f"n = {n}" if n is not None else "n = ?", size=11,
+                         anchor="middle", fill=MUTED))
+    out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="{INK}"/>')
+    out.append(_text(left + pw / 2, height - 6, "attack", size=12, anchor="middle", fill=MUTED))
     out.append("</svg>")
     return "".join(out)
 
 
-def _line_chart(curve: dict, *, width: int = 460, height: int = 260) -> str:
-    """Accuracy (0..1) over eps for every model in ``curve`` ({"eps": [...], name: [...]})."""
-    eps = curve.get("eps") or []
-    series = {k: v for k, v in curve.items() if k != "eps" and v}
-    if len(eps) < 2 or not series:
-        return "<p>No PGD curve was recorded.</p>"
-    left, right, top, bottom = 40, 110, 10, 30
+def clean_chart(ca: dict, method: str) -> str:
+    """Horizontal bars, clean accuracy of the original and the hardened model, with the budget
+    floor (original minus the allowed drop) as a dashed line."""
+    orig, hard, budget = _num(ca.get("original")), _num(ca.get("hardened")), _num(ca.get("budget"))
+    width, height = 520, 170
+    left, right, top, bottom = 120, 70, 26, 40
+    pw = width - left - right
+    rows = [("original", orig, ORIGINAL), (method, hard, HARDENED)]
+    out = [_svg_open("clean", width, height, "clean accuracy before and after, against the budget")]
+    for t in range(0, 101, 25):
+        x = left + pw * t / 100
+        out.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{height - bottom}" '
+                   f'stroke="{GRID}"/>')
+        out.append(_text(x, height - bottom + 14, f"{t}%", size=11, anchor="middle", fill=MUTED))
+    for i, (label, v, color) in enumerate(rows):
+        y = top + 8 + i * 44
+        out.append(_text(left - 8, y + 19, label if len(label) <= 16 else label[:15] + "…",
+                         size=12, anchor="end"))
+        if v is None:
+            out.append(_text(left + 4, y + 19, "n/a", size=12, fill=MUTED))
+            continue
+        w = pw * _clamp01(v)
+        out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="28" fill="{color}">'
+                   f'<title>{_e(label)}: {_pct(v)}</title></rect>')
+        out.append(_text(left + w + 6, y + 19, _pct(v), size=12, weight="bold"))
+    if orig is not None and budget is not None:
+        x = left + pw * _clamp01(orig - budget)
+        out.append(f'<line x1="{x:.1f}" y1="{top - 10}" x2="{x:.1f}" y2="{height - bottom}" '
+                   f'stroke="{BUDGET}" stroke-width="2.5" stroke-dasharray="6 3"/>')
+        out.append(_text(x, top - 12, f"budget floor {_pct(orig - budget)}", size=11,
+                         anchor="middle", fill=BUDGET, weight="bold"))
+    out.append(_text(left + pw / 2, height - 4, "clean test accuracy", size=12, anchor="middle",
+                     fill=MUTED))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def pgd_chart(curve: dict, method: str, attack_eps: float | None,
+              recommended: str | None = None) -> str:
+    """Robust accuracy over the L-inf epsilon of PGD. The original model and the reported method
+    are bold lines, the recommended method (when another one) a third colour; any other compared
+    methods share one thin grey dashed style, so a dozen of them stay readable as background."""
+    eps = [_num(e) for e in curve.get("eps") or []]
+    series = {str(k): v for k, v in curve.items() if k != "eps" and isinstance(v, list)}
+    if len(eps) < 2 or any(e is None for e in eps) or not series:
+        return '<p class="muted">No PGD curve was recorded.</p>'
+    styles = {"original": (ORIGINAL, 3.0, ""), method: (HARDENED, 3.0, "")}
+    if recommended and recommended not in styles:
+        styles[recommended] = (RECOMMENDED, 2.5, "")
+    width, height = 520, 300
+    left, right, top, bottom = 56, 14, 14, 50
     pw, ph = width - left - right, height - top - bottom
     xmax = max(eps) or 1.0
 
-    def px(e):
+    def px(e: float) -> float:
         return left + pw * e / xmax
 
-    def py(a):
-        return top + ph * (1 - max(0.0, min(1.0, a)))
+    def py(a: float) -> float:
+        return top + ph * (1 - _clamp01(a))
 
-    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
-    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + pw}" y2="{py(t):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" font-size="10" text-anchor="end">{t:.2f}</text>')
+    out = [_svg_open("pgd", width, height, "PGD robust accuracy over epsilon")]
+    for t in range(0, 101, 25):
+        out.append(f'<line x1="{left}" y1="{py(t / 100):.1f}" x2="{left + pw}" y2="{py(t / 100):.1f}" '
+                   f'stroke="{GRID}"/>')
+        out.append(_text(left - 6, py(t / 100) + 4, f"{t}%", size=11, anchor="end", fill=MUTED))
     for e in eps:
-        out.append(f'<text x="{px(e):.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">{e:g}</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 2}" font-size="11" text-anchor="middle">'
-               'L-inf epsilon (PGD)</text>')
-    for i, (name, accs) in enumerate(series.items()):
-        color = LINE_COLORS[i % len(LINE_COLORS)]
-        pts = " ".join(f"{px(e):.1f},{py(a):.1f}" for e, a in zip(eps, accs) if a is not None)
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2">'
-                   f'<title>{escape(name)}</title></polyline>')
-        for e, a in zip(eps, accs):
-            if a is not None:
-                out.append(f'<circle cx="{px(e):.1f}" cy="{py(a):.1f}" r="2.5" fill="{color}">'
-                           f'<title>{escape(name)} eps={e:g}: {_pct(a)}</title></circle>')
-        ly = top + 14 + 16 * i
-        out.append(f'<line x1="{left + pw + 8}" y1="{ly - 4}" x2="{left + pw + 24}" y2="{ly - 4}" '
-                   f'stroke="{color}" stroke-width="2"/>')
-        out.append(f'<text x="{left + pw + 28}" y="{ly}" font-size="11">{escape(name)}</text>')
+        out.append(_text(px(e), top + ph + 16, f"{e:g}", size=11, anchor="middle", fill=MUTED))
+    if attack_eps is not None and 0 < attack_eps <= xmax:
+        out.append(f'<line x1="{px(attack_eps):.1f}" y1="{top}" x2="{px(attack_eps):.1f}" '
+                   f'y2="{top + ph}" stroke="{MUTED}" stroke-dasharray="2 3"/>')
+        out.append(_text(px(attack_eps) + 4, top + 12, f"ε of the attacks above = {attack_eps:g}",
+                         size=10, fill=MUTED))
+    out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="{INK}"/>')
+    out.append(_text(left + pw / 2, height - 8, "L∞ epsilon (PGD)", size=12, anchor="middle",
+                     fill=MUTED))
+    out.append(_text(14, top + ph / 2, "robust accuracy", size=12, anchor="middle", fill=MUTED,
+                     extra=f' transform="rotate(-90 14 {top + ph / 2:.1f})"'))
+    # Background lines first, the highlighted ones on top of them.
+    order = [k for k in series if k not in styles] + [k for k in reversed(styles) if k in series]
+    drawn: list[str] = []
+    for name in order:
+        color, width_px, dash = styles.get(name, (OTHER, 1.5, ' stroke-dasharray="5 3"'))
+        pts = [(px(e), py(a)) for e, a in zip(eps, (_num(v) for v in series[name])) if a is not None]
+        if not pts:
+            continue
+        out.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}" fill="none" '
+                   f'stroke="{color}" stroke-width="{width_px}"{dash}><title>{_e(name)}</title></polyline>')
+        if name in styles:
+            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>' for x, y in pts]
+        drawn.append(name)
+    out.append("</svg>")
+    legend = [(("original" if n == "original" else f"{n} (recommended)" if n == recommended and
+                n != method else n), styles[n][0]) for n in styles if n in drawn]
+    others = [n for n in drawn if n not in styles]
+    if others:
+        legend.append((f"other compared methods ({len(others)}): {', '.join(others)}", OTHER))
+    return "".join(out) + _legend(legend, line=True)
+
+
+def timing_chart(timings: dict) -> str:
+    """Horizontal bars, seconds per stage, longest first, with the total."""
+    rows = [(str(k), _num(v)) for k, v in timings.items()]
+    known = [v for _, v in rows if v is not None]
+    top_v = max(known, default=0.0) or 1.0
+    width, row_h = 520, 26
+    left, right, top = 96, 80, 6
+    height = top + row_h * len(rows) + 34
+    pw = width - left - right
+    out = [_svg_open("timings", width, height, "stage timings in seconds")]
+    for i, (name, v) in enumerate(sorted(rows, key=lambda r: -(r[1] or -1))):
+        y = top + i * row_h
+        out.append(_text(left - 8, y + 15, name, size=12, anchor="end"))
+        if v is None:
+            out.append(_text(left + 4, y + 15, "n/a", size=12, fill=MUTED))
+            continue
+        w = max(1.0, pw * v / top_v)
+        out.append(f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row_h - 8}" '
+                   f'fill="{TIMING}"><title>{_e(name)}: {v:.2f} s</title></rect>')
+        out.append(_text(left + w + 6, y + 15, _secs(v), size=12))
+    y = top + row_h * len(rows) + 4
+    out.append(f'<line x1="{left}" y1="{y}" x2="{left + pw}" y2="{y}" stroke="{INK}"/>')
+    out.append(_text(left + pw / 2, y + 24, f"seconds (total {_secs(sum(known))})", size=12,
+                     anchor="middle", fill=MUTED))
     out.append("</svg>")
     return "".join(out)
 
 
-def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
-    """Cells are already-escaped HTML."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+def _secs(v: float) -> str:
+    return f"{v:.2f} s" if v < 10 else f"{v:.0f} s" if v < 120 else f"{v / 60:.1f} min"
 
 
-def _verdict(ok) -> str:
-    if ok is None:
-        return '<span class="na">n/a</span>'
-    return '<span class="pass">pass</span>' if ok else '<span class="fail">FAIL</span>'
+def _mini_bar(v: float | None, color: str) -> str:
+    if v is None:
+        return ""
+    return (f'<svg class="mini" width="80" height="10" viewBox="0 0 80 10">'
+            f'<rect width="80" height="10" fill="{GRID}"/>'
+            f'<rect width="{80 * _clamp01(v):.1f}" height="10" fill="{color}"/></svg>')
 
 
-def _json_block(obj) -> str:
-    return f"<pre>{escape(json.dumps(obj, indent=2, sort_keys=True, default=str))}</pre>"
+# --- sections -------------------------------------------------------------------------------
+
+def headline(report: dict) -> str:
+    """Three verdict tiles and one sentence that says it all."""
+    method = str(report.get("method") or "hardened")
+    attacks = {k: _dict(v) for k, v in _dict(report.get("attacks")).items()}
+    ca = _dict(report.get("clean_accuracy"))
+    checks = [c for c in report.get("sanity_checks") or [] if isinstance(c, dict)]
+
+    # Robustness: the original under its own white-box attack vs the hardened model under its own
+    # (adaptive), over the attacks where both were measured.
+    pairs = [(_num(a.get("original_accuracy")), _num(a.get("adaptive_accuracy"))) for a in attacks.values()]
+    pairs = [(o, h) for o, h in pairs if o is not None and h is not None]
+    if pairs:
+        before, after = _mean([o for o, _ in pairs]), _mean([h for _, h in pairs])
+        delta = after - before
+        raised = delta > _RAISE_TOL
+        word = "RAISED" if raised else ("NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
+        rob = (True if raised else False, word,
+               f"Mean adaptive robust accuracy {_pct(before)} → {_pct(after)} ({_pts(delta)}) "
+               f"over {len(pairs)} attack{'s' if len(pairs) != 1 else ''}.")
+        rob_sentence = (f"raised mean adaptive robust accuracy from {_pct(before)} to {_pct(after)}"
+                        if raised else f"did not raise mean adaptive robust accuracy "
+                        f"({_pct(before)} → {_pct(after)})")
+    else:
+        transfer = _mean([_num(a.get("transfer_er")) for a in attacks.values()])
+        rob = (None, "NOT MEASURED", "Adaptive attacks were not run, so robustness against an "
+               "attacker who knows the hardened model is unknown"
+               + (f"; mean transfer ER {_pct(transfer)}." if transfer is not None else "."))
+        rob_sentence = "has no adaptive robustness measurement"
+
+    drop, budget, within = _num(ca.get("drop")), _num(ca.get("budget")), ca.get("within_budget")
+    if isinstance(within, bool):
+        clean = (within, "WITHIN BUDGET" if within else "OVER BUDGET",
+                 f"Clean accuracy {_pct(ca.get('original'))} → {_pct(ca.get('hardened'))}: a drop of "
+                 f"{_pct(drop)} against an allowed {_pct(budget)}.")
+        clean_sentence = ("kept clean accuracy within the budget" if within
+                          else "lost more clean accuracy than the budget allows")
+    else:
+        clean = (None, "UNKNOWN", "Clean accuracy was not recorded.")
+        clean_sentence = "has no clean-accuracy record"
+
+    failed = [c for c in checks if c.get("passed") is False]
+    if checks:
+        san = (not failed, f"{len(checks) - len(failed)} / {len(checks)} PASSED",
+               "All sanity checks passed: the attacks behave as attacks should." if not failed else
+               f"{len(failed)} check(s) failed: the robust accuracies may overstate robustness "
+               "(see Sanity checks).")
+    else:
+        san = (None, "NONE RUN", "No sanity checks were run.")
+
+    tiles = []
+    for title, (ok, word, text) in (("Robustness (adaptive attack)", rob),
+                                    ("Clean accuracy", clean), ("Sanity checks", san)):
+        cls = "na" if ok is None else "good" if ok else "bad"
+        tiles.append(f'<div class="tile {cls}"><div class="tt">{_e(title)}</div>'
+                     f'<div class="verdict">{_e(word)}</div><div class="tx">{_e(text)}</div></div>')
+    # The method name is user-chosen text: it is not capitalised, only escaped.
+    comp = _dict(report.get("comparison"))
+    rec = comp.get("recommended")
+    also = (f' The method comparison recommends <b>{_e(rec)}</b> instead.'
+            if rec is not None and str(rec) != method else "")
+    return (f'<p class="lede">Verdict: <b>{_e(method)}</b> {_e(rob_sentence)} and '
+            f'{_e(clean_sentence)}.{also}</p>'
+            f'<div class="tiles">{"".join(tiles)}</div>')
 
 
-def _redact(config):
-    if not isinstance(config, dict):
-        return config
-    return {k: ("(redacted)" if k in REDACTED_CONFIG_KEYS and v else _redact(v)) for k, v in config.items()}
+def sanity_section(checks: list) -> str:
+    """A pass/fail matrix (one row per model, one column per check) and the failures spelled out
+    in full; every check's detail is folded away below and in each badge's tooltip."""
+    checks = [c for c in checks if isinstance(c, dict)]
+    if not checks:
+        return '<p class="muted">No sanity checks were run.</p>'
+    models: list[str] = []
+    kinds: list[str] = []
+    grid: dict[tuple[str, str], dict] = {}
+    for c in checks:
+        model, _, kind = str(c.get("name", "")).rpartition(": ")
+        model = model or "all models"
+        models += [model] if model not in models else []
+        kinds += [kind] if kind not in kinds else []
+        grid[(model, kind)] = c
+    head = "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in kinds)
+    rows = []
+    for m in models:
+        cells = []
+        for k in kinds:
+            c = grid.get((m, k))
+            cells.append("<td></td>" if c is None else
+                         f'<td title="{_e(c.get("detail", ""))}">{_badge(c.get("passed"))}</td>')
+        rows.append(f'<tr><th class="rowh">{_e(m)}</th>{"".join(cells)}</tr>')
+    out = [f'<table class="matrix"><thead><tr><th>model</th>{head}</tr></thead>'
+           f'<tbody>{"".join(rows)}</tbody></table>']
+    failed = [c for c in checks if c.get("passed") is False]
+    if failed:
+        out.append('<ul class="fails">' + "".join(
+            f'<li>{_badge(False)} <b>{_e(c.get("name"))}</b>: {_e(c.get("detail", ""))}</li>'
+            for c in failed) + "</ul>")
+    out.append('<details><summary>Details of every check</summary><ul class="details">' + "".join(
+        f'<li>{_badge(c.get("passed"))} <b>{_e(c.get("name"))}</b>: {_e(c.get("detail", ""))}</li>'
+        for c in checks) + "</ul></details>")
+    return "".join(out)
+
+
+def comparison_section(comp: dict, method: str = "") -> str:
+    methods = {str(k): _dict(v) for k, v in _dict(comp.get("methods")).items()}
+    if not methods:
+        return '<p class="muted">The comparison holds no methods.</p>'
+    rec = comp.get("recommended")
+    names: list[str] = []
+    for s in methods.values():
+        names += [a for a in _dict(s.get("attacks")) if a not in names]
+    best = max((v for v in (_num(s.get("mean_adaptive_accuracy")) for s in methods.values())
+                if v is not None), default=None)
+    head = ("<tr><th>method</th><th>clean</th><th>clean budget</th>"
+            + "".join(f"<th>{_e(a.upper())}<br><small>transfer / adaptive</small></th>" for a in names)
+            + "<th>mean transfer</th><th>mean adaptive</th></tr>")
+    rows = []
+    for m, s in methods.items():
+        is_rec = rec is not None and m == str(rec)
+        star = ' <span class="star">&#9733; recommended</span>' if is_rec else ""
+        star += ' <span class="this">this report</span>' if m == method else ""
+        cells = [f'<td class="m">{_e(m)}{star}</td>',
+                 f"<td>{_pct(s.get('clean_accuracy'))}</td>",
+                 f"<td>{_badge(s.get('within_budget'), 'within', 'over')}</td>"]
+        for a in names:
+            r = _dict(_dict(s.get("attacks")).get(a))
+            cells.append(f"<td>{_pct(r.get('transfer_er'), 0)} / "
+                         f"<b>{_pct(r.get('adaptive_accuracy'), 0)}</b></td>")
+        mad = _num(s.get("mean_adaptive_accuracy"))
+        top = ' class="best"' if best is not None and mad == best else ""
+        cells.append(f"<td>{_pct(s.get('mean_transfer_er'))}</td>")
+        cells.append(f"<td{top}>{_mini_bar(mad, HARDENED if is_rec else TRANSFER)} {_pct(mad)}</td>")
+        rec_cls = ' class="rec"' if is_rec else ""
+        rows.append(f'<tr{rec_cls}>{"".join(cells)}</tr>')
+    note = (f'<p>Recommended: <b>{_e(rec)}</b>, by the rule: {_e(comp.get("rule", "n/a"))}.</p>'
+            if rec is not None else
+            f'<p class="warn">No method is recommended: none kept clean accuracy within the budget '
+            f'(rule: {_e(comp.get("rule", "n/a"))}).</p>')
+    return (note + f'<table class="comparison"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _plain(v: object) -> str:
+    """Strings as they are, everything else as JSON (lists read as ["a", "b"], not Python)."""
+    return v if isinstance(v, str) else json.dumps(v, default=str)
+
+
+def settings_section(report: dict) -> str:
+    config = _dict(_redact(report.get("config")))
+    attacks = _dict(report.get("attacks"))
+    facts = [("method", report.get("method")), ("threat setting (protocol)", report.get("protocol")),
+             ("seed", config.get("seed")), ("dataset", config.get("dataset")),
+             ("clean-accuracy budget", _pct(_dict(report.get("clean_accuracy")).get("budget"))),
+             ("schema version", report.get("schema_version"))]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e('n/a' if v is None else v)}</td></tr>" for k, v in facts)
+    for key in ("slicing", "mining"):
+        d = _dict(report.get(key))
+        if d:
+            rows += (f"<tr><th>{key}</th><td>"
+                     + ", ".join(f"{_e(k)} = {_e(_plain(v))}" for k, v in d.items()) + "</td></tr>")
+    params = "".join(
+        f"<tr><th>{_e(str(a).upper())}</th><td>"
+        + ", ".join(f"{_e(k)} = {_e(_plain(v))}" for k, v in _dict(_dict(p).get("params")).items())
+        + "</td></tr>" for a, p in attacks.items())
+    return ("<details><summary>Settings: attack parameters, protocol, seed, configuration, versions"
+            f"</summary><table class=\"kv\">{rows}</table>"
+            + (f"<h3>Attack parameters</h3><table class=\"kv\">{params}</table>" if params else "")
+            + "<h3>Configuration (as validated, defaults filled in)</h3>"
+            + f"<pre>{_e(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>"
+            + "<h3>Versions</h3>"
+            + f"<pre>{_e(json.dumps(report.get('versions'), indent=2, sort_keys=True, default=str))}</pre>"
+            + "</details>")
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;
-color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f5f5f5}.pass{color:#2ca02c;font-weight:600}.fail{color:#d62728;font-weight:700}
-.na{color:#999}.grid{display:flex;flex-wrap:wrap;gap:1.5em}.card{border:1px solid #eee;padding:.6em}
-.legend span{display:inline-block;width:12px;height:12px;margin:0 .3em 0 1em;vertical-align:middle}
-pre{background:#f8f8f8;padding:.6em;overflow:auto;font-size:.8em}tr.rec{background:#eef7ee}
-.banner{padding:.6em;border-radius:4px}.bad{background:#fdecea}.good{background:#edf7ed}
+*{box-sizing:border-box}
+body{font-family:'DejaVu Sans','Liberation Sans',system-ui,-apple-system,'Segoe UI',sans-serif;
+margin:0;background:#f4f6f8;color:#1d2530;font-size:14px;line-height:1.45}
+main{max-width:1160px;margin:0 auto;padding:20px 24px 40px}
+header h1{font-size:22px;margin:0 0 2px}header .sub{color:#5b6673;margin:0 0 14px}
+h2{font-size:16px;margin:0 0 4px}h3{font-size:14px;margin:14px 0 4px}
+.card{background:#fff;border:1px solid #dde2e7;border-radius:8px;padding:14px 16px;margin:0 0 16px}
+.card .help{color:#5b6673;margin:0 0 8px;font-size:13px}
+.row{display:flex;gap:16px;flex-wrap:wrap}
+.row>.col{flex:1 1 500px;min-width:0;display:flex;flex-direction:column}.row>.col>.card{flex:1 1 auto}
+.lede{font-size:17px;font-weight:600;margin:0 0 10px}
+.tiles{display:flex;gap:12px;margin:0 0 16px}
+.tile{flex:1;background:#fff;border:1px solid #dde2e7;border-left:8px solid #999;border-radius:8px;
+padding:10px 14px}
+.tile.good{border-left-color:#009E73}.tile.bad{border-left-color:#D55E00}.tile.na{border-left-color:#999}
+.tile .tt{font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#5b6673}
+.tile .verdict{font-size:22px;font-weight:700;margin:2px 0}
+.tile.good .verdict{color:#00795a}.tile.bad .verdict{color:#b34d00}.tile .tx{font-size:13px}
+svg.chart{display:block;max-width:100%;height:auto}svg.mini{vertical-align:middle}
+.legend{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0 0 6px;font-size:13px}
+.legend i{display:inline-block;margin-right:6px;vertical-align:middle}
+.legend i.sw{width:14px;height:14px;border-radius:2px}.legend i.ln{width:22px;height:4px}
+table{border-collapse:collapse;font-size:13px}
+td,th{border-bottom:1px solid #e3e7eb;padding:5px 8px;text-align:left;vertical-align:top}
+thead th{background:#f0f3f6;font-weight:600}
+table.comparison td{white-space:nowrap}
+tr.rec td{background:#e4f1fa;font-weight:600}tr.rec td.m{border-left:4px solid #0072B2}
+.star{display:inline-block;margin-left:6px;padding:0 6px;border-radius:9px;background:#0072B2;
+color:#fff;font-size:11px}
+.this{display:inline-block;margin-left:6px;padding:0 6px;border-radius:9px;border:1px solid #5b6673;
+color:#5b6673;font-size:11px}
+td.best{outline:2px solid #0072B2;outline-offset:-2px}
+.badge{display:inline-block;padding:1px 7px;border-radius:10px;font-size:11px;font-weight:700;
+white-space:nowrap}
+.badge.pass{background:#009E73;color:#fff}.badge.fail{background:#D55E00;color:#fff}
+.badge.na{background:#e3e7eb;color:#5b6673}
+table.matrix th.rowh{font-weight:normal}
+ul.fails{margin:8px 0;padding-left:18px}ul.details{padding-left:18px;font-size:12px}
+.muted{color:#5b6673}.warn{color:#b34d00;font-weight:600}
+details summary{cursor:pointer;color:#0072B2;font-weight:600}
+pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}
+table.kv th{width:220px;font-weight:600}
 """
 
 
 def render_html(report: dict) -> str:
-    """The whole page as a string; ``report`` is a ``report.build_report`` result."""
-    method = report.get("method") or "hardened"
-    parts = [f"<h1>DARE robustness report: {escape(str(method))}</h1>",
-             f"<p>Schema version {escape(str(report.get('schema_version')))}; threat setting "
-             f"<b>{escape(str(report.get('protocol', 'n/a')))}</b>.</p>"]
+    """The whole page as a string; ``report`` is a ``report.build_report`` result (or any part
+    of one: missing sections are left out or marked n/a)."""
+    report = report if isinstance(report, dict) else {}
+    method = str(report.get("method") or "hardened")
+    config = _dict(report.get("config"))
+    attacks = _dict(report.get("attacks"))
+    ca = _dict(report.get("clean_accuracy"))
+    n_values = sorted({a.get("n") for a in map(_dict, attacks.values()) if a.get("n") is not None},
+                      key=str)
+    sub = [f"method <b>{_e(method)}</b>", f"threat setting <b>{_e(report.get('protocol', 'n/a'))}</b>"]
+    if config.get("dataset"):
+        sub.append(f"dataset <b>{_e(config['dataset'])}</b>")
+    if n_values:
+        sub.append(f"{_e(', '.join(map(str, n_values)))} attacked test points")
+    if config.get("seed") is not None:
+        sub.append(f"seed {_e(config['seed'])}")
 
-    failed = [c for c in report.get("sanity_checks", []) if not c.get("passed")]
-    ca = report.get("clean_accuracy") or {}
-    if failed or ca.get("within_budget") is False:
-        msgs = []
-        if ca.get("within_budget") is False:
-            msgs.append("the clean-accuracy budget is exceeded")
-        if failed:
-            msgs.append(f"{len(failed)} sanity check(s) failed: the robust accuracies below may "
-                        "overstate robustness")
-        parts.append(f'<p class="banner bad">Warning: {escape("; ".join(msgs))}.</p>')
+    parts = [f'<header><h1>DARE robustness report</h1><p class="sub">{" · ".join(sub)}</p></header>',
+             headline(report)]
 
-    # Clean accuracy before and after, against the budget.
-    if ca:
-        floor = None if ca.get("original") is None else ca["original"] - ca.get("budget", 0)
-        parts.append("<h2>Clean accuracy</h2>")
-        parts.append(_bars([("original", ca.get("original"), COLORS["original"]),
-                            (str(method), ca.get("hardened"), COLORS["hardened"])],
-                           marker=floor, marker_label="budget floor"))
-        parts.append(f"<p>Drop {_pct(ca.get('drop'))} of a {_pct(ca.get('budget'))} budget: "
-                     f"{_verdict(ca.get('within_budget'))}</p>")
-
-    # Per attack: original on its own set, hardened on that set, hardened re-attacked.
-    attacks = report.get("attacks") or {}
+    pgd_eps = _num(_dict(_dict(attacks.get("pgd")).get("params")).get("eps"))
     if attacks:
-        parts.append("<h2>Attacks</h2>")
-        parts.append('<p class="legend">'
-                     f'<span style="background:{COLORS["original"]}"></span>original on its own '
-                     'adversarial set'
-                     f'<span style="background:{COLORS["transfer"]}"></span>hardened on that set '
-                     '(transfer ER, the paper\'s number)'
-                     f'<span style="background:{COLORS["adaptive"]}"></span>hardened, attack re-run '
-                     'against it (adaptive)</p>')
-        cards = []
-        for name, a in attacks.items():
-            cards.append(f'<div class="card"><b>{escape(name.upper())}</b> (n = {escape(str(a.get("n")))})'
-                         + _bars([("original", a.get("original_accuracy"), COLORS["original"]),
-                                  ("transfer ER", a.get("transfer_er"), COLORS["transfer"]),
-                                  ("adaptive", a.get("adaptive_accuracy"), COLORS["adaptive"])])
-                         + "</div>")
-        parts.append(f'<div class="grid">{"".join(cards)}</div>')
-        rows = [[escape(n), escape(json.dumps(a.get("params", {}), sort_keys=True, default=str))]
-                for n, a in attacks.items()]
-        parts.append("<h3>Attack parameters</h3>" + _table(["attack", "parameters"], rows))
-
-    if report.get("pgd_curve"):
-        parts.append("<h2>PGD accuracy over epsilon</h2>" + _line_chart(report["pgd_curve"]))
-
-    checks = report.get("sanity_checks") or []
-    parts.append("<h2>Sanity checks</h2>")
-    if checks:
-        parts.append(_table(["check", "verdict", "detail"],
-                            [[escape(c["name"]), _verdict(c.get("passed")), escape(str(c.get("detail", "")))]
-                             for c in checks]))
+        parts.append('<section class="card" id="attacks"><h2>Accuracy under attack</h2>'
+                     '<p class="help">Higher is more robust. Orange: the original model against '
+                     'attacks made for it. Light blue: the hardened model on those same examples '
+                     "(transfer, the paper's Empirical Robustness). Dark blue: the attack re-run "
+                     'against the hardened model itself (adaptive; the honest number).</p>'
+                     + _legend([(label, c) for _, label, c in SERIES]) + attack_chart(attacks)
+                     + "</section>")
     else:
-        parts.append("<p>No sanity checks were run.</p>")
+        parts.append('<section class="card"><h2>Accuracy under attack</h2>'
+                     '<p class="muted">No attack results were recorded.</p></section>')
 
     comp = report.get("comparison")
-    if comp:
-        parts.append("<h2>Method comparison</h2>")
-        parts.append(f"<p>Recommended: <b>{escape(str(comp.get('recommended')))}</b> "
-                     f"(rule: {escape(str(comp.get('rule', '')))}).</p>")
-        methods = comp.get("methods") or {}
-        names = list(next(iter(methods.values()), {}).get("attacks", {}))
-        header = ["method", "clean", "within budget"]
-        header += [f"{a} transfer / adaptive" for a in names] + ["mean transfer", "mean adaptive"]
-        rows = []
-        for m, s in methods.items():
-            row = [escape(m), _pct(s.get("clean_accuracy")), _verdict(s.get("within_budget"))]
-            row += [f"{_pct(s['attacks'].get(a, {}).get('transfer_er'))} / "
-                    f"{_pct(s['attacks'].get(a, {}).get('adaptive_accuracy'))}" for a in names]
-            row += [_pct(s.get("mean_transfer_er")), _pct(s.get("mean_adaptive_accuracy"))]
-            rows.append(row)
-        table = _table(header, rows, "comparison")
-        rec = comp.get("recommended")
-        if rec is not None:  # highlight the recommended row
-            table = table.replace(f"<tr><td>{escape(rec)}</td>", f'<tr class="rec"><td>{escape(rec)}</td>', 1)
-        parts.append(table)
+    comp = comp if isinstance(comp, dict) and comp else None
+    recommended = None if comp is None or comp.get("recommended") is None else str(comp["recommended"])
 
-    timings = report.get("timings_s") or {}
-    if timings:
-        parts.append("<h2>Timings</h2>" + _table(
-            ["stage", "seconds"],
-            [[escape(str(k)), "n/a" if v is None else f"{v:.2f}"] for k, v in timings.items()]))
+    # Clean accuracy and timings stacked on the left, the PGD curve on the right.
+    left = []
+    if ca:
+        left.append('<section class="card" id="clean"><h2>Clean accuracy and its budget</h2>'
+                    f'<p class="help">The hardened model must stay right of the dashed budget floor '
+                    f'(original minus the allowed drop of {_pct(ca.get("budget"))}).</p>'
+                    + _legend([("original", ORIGINAL), (method, HARDENED),
+                               ("budget floor", BUDGET)]) + clean_chart(ca, method) + "</section>")
+    timings = _dict(report.get("timings_s"))
+    left.append('<section class="card" id="timings"><h2>Stage timings</h2>'
+                + (timing_chart(timings) if timings else
+                   '<p class="muted">No timings were recorded.</p>') + "</section>")
+    curve = _dict(report.get("pgd_curve"))
+    right = ('<section class="card" id="pgd"><h2>PGD robust accuracy over epsilon</h2>'
+             '<p class="help">A larger perturbation budget should push accuracy towards zero; the '
+             'higher the hardened line, the more robust.</p>'
+             + (pgd_chart(curve, method, pgd_eps, recommended) if curve else
+                '<p class="muted">No PGD curve was recorded.</p>') + "</section>")
+    parts.append(f'<div class="row"><div class="col">{"".join(left)}</div>'
+                 f'<div class="col">{right}</div></div>')
 
-    parts.append("<h2>Slicing and mining</h2>")
-    parts.append(_table(["", "values"], [["slicing", escape(json.dumps(report.get("slicing"), default=str))],
-                                         ["mining", escape(json.dumps(report.get("mining"), default=str))]]))
-    parts.append("<h2>Configuration</h2>" + _json_block(_redact(report.get("config"))))
-    parts.append("<h2>Versions</h2>" + _json_block(report.get("versions")))
+    if comp is not None:
+        parts.append('<section class="card" id="comparison"><h2>Method comparison</h2>'
+                     + comparison_section(comp, method) + "</section>")
+
+    parts.append('<section class="card" id="sanity"><h2>Sanity checks</h2>'
+                 '<p class="help">Checks from the robustness literature; a failure means the attack '
+                 'numbers above may be too kind. Hover a badge for its detail.</p>'
+                 + sanity_section(report.get("sanity_checks") or []) + "</section>")
+
+    parts.append(f'<section class="card" id="settings">{settings_section(report)}</section>')
 
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>DARE report: {escape(str(method))}</title><style>{CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>DARE report: {_e(method)}</title><style>{CSS}</style></head><body><main>"
+            + "\n".join(parts) + "</main></body></html>\n")
