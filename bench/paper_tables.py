@@ -72,7 +72,7 @@ def _forward_seconds(ctx) -> float:
         return time.perf_counter() - t0
 
 
-def run_subject(arch: str, dataset: str, s: dict, root: Path, log) -> dict:
+def run_subject(arch: str, dataset: str, s: dict, root: Path, log, poll=lambda: False) -> dict:
     from worker.engine.reference.train import train_reference
     from worker.engine.stages import StageContext, run_all, stage_done
 
@@ -95,7 +95,7 @@ def run_subject(arch: str, dataset: str, s: dict, root: Path, log) -> dict:
             for f in (fixed / "state").iterdir():
                 if not f.name.startswith(("compare.", "export.", "evaluate.", "evaluation.")):
                     shutil.copyfile(f, wd / "state" / f.name)
-        ctx = StageContext(wd, _config(protocol, s, dataset))
+        ctx = StageContext(wd, _config(protocol, s, dataset), cancelled=poll)
         t1 = time.perf_counter()
         run_all(ctx, on_stage=lambda name, i, n: log(f"    {protocol}: {name}"))
         log(f"  {protocol} done in {time.perf_counter() - t1:.0f}s")
@@ -328,17 +328,51 @@ def _threads_per_job(jobs: int) -> int:
     return max(1, int(os.environ.get("DARE_THREADS", os.cpu_count() or 1)) // max(1, jobs))
 
 
-def _subject_job(arch: str, dataset: str, s: dict, root: Path, threads: int, t0: float) -> dict:
-    """One subject in its own process (spawned: torch's thread pools do not survive a fork)."""
-    import torch
+_running = None  # in each pool process: a shared count of the subjects not finished yet
 
-    torch.set_num_threads(threads)
+
+def _init_pool(running) -> None:  # noqa: ANN001 (multiprocessing.Value)
+    global _running
+    _running = running
+
+
+class _Rebalance:
+    """The engine polls ``cancelled()`` between batches, on the main thread; this hook uses it
+    to give a process the cores the finished subjects no longer use (the last, largest subject
+    would otherwise run on one core while the other idles)."""
+
+    def __init__(self, jobs: int, log) -> None:
+        self.jobs, self.log, self.last, self.threads = jobs, log, 0.0, None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= 5.0:
+            self.last = now
+            import torch
+
+            threads = _threads_per_job(min(self.jobs, max(1, _running.value)))
+            if threads != self.threads:
+                if self.threads is not None:
+                    self.log(f"  now {threads} torch thread(s)")
+                torch.set_num_threads(threads)
+                self.threads = threads
+        return False
+
+
+def _subject_job(arch: str, dataset: str, s: dict, root: Path, jobs: int, t0: float) -> dict:
+    """One subject in its own process (spawned: torch's thread pools do not survive a fork)."""
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    log(f"subject {arch}/{dataset} (pid {os.getpid()}, {threads} thread(s))")
-    return run_subject(arch, dataset, s, root, log)
+    rebalance = _Rebalance(jobs, log)
+    rebalance()
+    log(f"subject {arch}/{dataset} (pid {os.getpid()}, {rebalance.threads} thread(s))")
+    try:
+        return run_subject(arch, dataset, s, root, log, poll=rebalance)
+    finally:
+        with _running.get_lock():
+            _running.value -= 1
 
 
 # Rough relative cost, so the longest subjects start first and the pool drains evenly.
@@ -367,8 +401,11 @@ def run_subjects(s: dict, root: Path, jobs: int, log) -> list:
 
     order = sorted(subjects, key=lambda ad: -_COST.get(ad[1], 1) * _ARCH_COST.get(ad[0], 1))
     t0 = time.time()
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {ad: pool.submit(_subject_job, *ad, s, root, threads, t0) for ad in order}
+    mp = multiprocessing.get_context("spawn")
+    running = mp.Value("i", len(subjects))
+    with ProcessPoolExecutor(jobs, mp_context=mp, initializer=_init_pool,
+                             initargs=(running,)) as pool:
+        futures = {ad: pool.submit(_subject_job, *ad, s, root, jobs, t0) for ad in order}
         return [futures[ad].result() for ad in subjects]
 
 
@@ -394,7 +431,8 @@ def main(argv=None) -> int:
         return 0
     s = dict(QUICK if args.quick else FULL)
     s["parallel"] = (f"{args.jobs} subject(s) at once in separate processes, "
-                     f"{_threads_per_job(args.jobs)} torch thread(s) each")
+                     f"{_threads_per_job(args.jobs)} torch thread(s) each, more once fewer "
+                     "subjects remain than processes")
     if args.subjects:
         s["subjects"] = [tuple(x.split(":")) for x in args.subjects.split(",")]
         s["epochs"] = {**FULL["epochs"], **s["epochs"]}
