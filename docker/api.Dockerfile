@@ -1,8 +1,9 @@
 # The API, and the one-shot migration (`dare db upgrade`). No GPU here.
 FROM python:3.11-slim
 
-# Optional: a PyTorch wheel index for a CPU-only torch (the API never imports torch, but the
-# package depends on it; a CPU wheel keeps this image small). Empty: the default index.
+# Optional: a PyTorch wheel index for a CPU-only torch (the API process never imports torch, but
+# the submit-time inspector it starts as a child process loads the uploads with it; a CPU wheel
+# keeps this image small). Empty: the default index.
 ARG TORCH_INDEX_URL=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
