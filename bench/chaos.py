@@ -44,6 +44,8 @@ from typing import Any
 
 import httpx
 
+from service.client import wait_ready
+
 DARE = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())"]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/7"
@@ -126,20 +128,6 @@ class Supervised:
                     os.killpg(self.p.pid, signal.SIGKILL)
                     self.p.wait()
         self.log.close()
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the API exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the API did not become ready")
 
 
 def ensure_subject(path: Path) -> Path:
@@ -305,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             api = subprocess.Popen([*DARE, "api", "--port", str(port)], env=env, cwd=REPO,
                                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         worker = Supervised(worker_argv(loglevel="WARNING"), env, log)
-        wait_ready(base, api)
+        wait_ready(base, [api], what="the API")
         factory = session_factory(engine_for(db_url))
         rng = random.Random(args.seed)
         for stage in args.stages.split(","):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from service.client import wait_ready
+
 DARE = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())"]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/6"
@@ -40,21 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise SystemExit(f"a service process exited with {p.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the service did not become ready")
 
 
 def ensure_subject(path: Path) -> Path:

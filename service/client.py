@@ -367,3 +367,22 @@ def _unreachable(base_url: str, e: httpx.TransportError) -> ServerUnreachable:
     else:
         reason = f"{type(e).__name__}: {e}"
     return ServerUnreachable(base_url, reason)
+
+
+def wait_ready(base_url: str, procs: Sequence[Any] = (), timeout: float = 120,
+               what: str = "the service") -> None:
+    """Until ``GET /readyz`` answers 200. ``procs`` are server processes the caller started
+    (``subprocess.Popen``): if one exits first, waiting is pointless. SystemExit either way, with
+    ``what`` (e.g. "dare serve; see its log") in the message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"{what} exited with {p.returncode}")
+        try:
+            if httpx.get(f"{base_url.rstrip('/')}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{what} did not become ready in {timeout:.0f} s")

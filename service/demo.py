@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from .client import ClientError, DareClient
+from .client import ClientError, DareClient, wait_ready
 from .client_cli import summary_lines
 from .schemas import JobRead
 
@@ -35,20 +33,6 @@ def start_server(port: int, home: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-
-
-def wait_ready(base: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"dare serve exited ({server.returncode}); see {log}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"dare serve did not become ready in {timeout:.0f} s; see {log}")
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -94,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting dare serve on {base} (log: {log})", flush=True)
     server = start_server(args.port, args.out / "var", log)
     try:
-        wait_ready(base, server, log)
+        wait_ready(base, [server], what=f"dare serve (log: {log})")
         with DareClient(base, timeout=120) as client:
             job = client.submit(args.subject / "model.onnx", args.subject / "history.zip",
                                 dataset="digits", config=config)

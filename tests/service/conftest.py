@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 from service.db import dispose_engines, engine_for, upgrade
 from service.settings import Settings
 
-from . import subjects
+from . import fake_engine, subjects
 
 REPO = Path(__file__).resolve().parents[2]
 PG_HOST = os.environ.get("DARE_TEST_PG", "postgres@127.0.0.1:5432")
@@ -155,6 +155,17 @@ def submit_files(subject_bytes: dict[str, bytes], *, dataset: str | None = "digi
     if config is not None:
         data["config"] = config
     return files, data
+
+
+def run_all_stages(client, job_id: str) -> None:  # noqa: ANN001 (TestClient)
+    """Drive every stage of a job in-process, as the worker would, with the stand-in engine."""
+    from service.pipeline import Pipeline
+
+    ctx = client.app.state.ctx
+    p = Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
+    stage = "validate"
+    while stage:
+        stage = p.run(job_id, stage, task_id=str(uuid.uuid4()))
 
 
 # --- processes for the multi-process tests --------------------------------------------------

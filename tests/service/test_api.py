@@ -8,12 +8,10 @@ from datetime import timedelta
 import pytest
 
 from service import jobs
-from service.pipeline import Pipeline
 from service.states import JobStatus, utcnow
 from service.storage import LocalArtifactStore
 
-from . import fake_engine
-from .conftest import submit_files, tenant_id
+from .conftest import run_all_stages, submit_files, tenant_id
 
 CONTRACT_KEYS = {"id", "status", "stage", "progress", "created_at", "started_at", "finished_at",
                  "error", "result", "urls"}
@@ -25,13 +23,6 @@ def _post(client, subject_bytes, **kw):
     return client.post("/v1/jobs", files=files, data=data)
 
 
-def _run_all(client, job_id: str) -> None:
-    """Drive every stage in-process, as the worker would, with the stand-in engine."""
-    ctx = client.app.state.ctx
-    p = Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
-    stage = "validate"
-    while stage:
-        stage = p.run(job_id, stage, task_id=str(uuid.uuid4()))
 
 
 def test_submit_returns_202_job_object_and_location(client, dispatcher, subject_bytes, settings):
@@ -151,7 +142,7 @@ def test_cancel_queued_job_is_immediate_and_idempotent(client, subject_bytes):
     kinds = [e["kind"] for e in client.get(job["urls"]["events"]).json()["items"]]
     assert kinds == ["created", "cancel_requested", "cancelled"]
     # a message already in the queue finds the job cancelled and does nothing
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     assert client.get(job["urls"]["self"]).json()["status"] == "cancelled"
 
 
@@ -168,7 +159,7 @@ def test_cancel_running_job_becomes_cancelling(client, subject_bytes):
 
 def test_cancel_finished_job_is_409(client, subject_bytes):
     job = _post(client, subject_bytes).json()
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     assert client.get(job["urls"]["self"]).json()["status"] == "succeeded"
     r = client.post(job["urls"]["cancel"])
     assert r.status_code == 409 and r.json()["code"] == "job_finished"
@@ -176,7 +167,7 @@ def test_cancel_finished_job_is_409(client, subject_bytes):
 
 def test_succeeded_job_lists_and_serves_every_artifact(client, subject_bytes):
     job = _post(client, subject_bytes).json()
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     job = client.get(job["urls"]["self"]).json()
     assert job["status"] == "succeeded" and job["progress"] == 1.0
     assert job["stage"] == {"name": "evaluate", "index": 5, "total": 6, "progress": 1.0}
@@ -207,7 +198,7 @@ def test_succeeded_job_lists_and_serves_every_artifact(client, subject_bytes):
 
 def test_events_can_be_polled_incrementally(client, subject_bytes):
     job = _post(client, subject_bytes).json()
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     first = client.get(job["urls"]["events"], params={"limit": 2}).json()
     assert [e["kind"] for e in first["items"]] == ["created", "stage_started"]
     rest = client.get(job["urls"]["events"], params={"after": first["next_after"]}).json()

@@ -6,10 +6,8 @@ from __future__ import annotations
 import re
 import uuid
 
-from service.pipeline import Pipeline
 
-from . import fake_engine
-from .conftest import api_routes, submit_files
+from .conftest import api_routes, run_all_stages, submit_files
 
 PROBLEM = "application/problem+json"
 PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
@@ -25,12 +23,6 @@ def _submit(client, subject_bytes) -> str:
     return r.json()["id"]
 
 
-def _run_all(client, job_id: str) -> None:
-    ctx = client.app.state.ctx
-    p = Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
-    stage = "validate"
-    while stage:
-        stage = p.run(job_id, stage, task_id=str(uuid.uuid4()))
 
 
 def _fill(path: str, job_id: str) -> str:
@@ -53,7 +45,7 @@ def _snapshot(client, job_id: str) -> tuple:
 
 def test_every_job_route_answers_404_to_another_tenant(client, client_t2, subject_bytes, capsys):
     done = _submit(client, subject_bytes)       # t1, succeeded: has artifacts and a report
-    _run_all(client, done)
+    run_all_stages(client, done)
     queued = _submit(client, subject_bytes)     # t1, still queued: cancellable
     mine = _submit(client_t2, subject_bytes)    # t2's own job
     before = {j: _snapshot(client, j) for j in (done, queued)}

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import uuid
 
-from service.pipeline import Pipeline
 
 from . import fake_engine
-from .conftest import submit_files
+from .conftest import run_all_stages, submit_files
 
 PROBLEM = "application/problem+json"
 
@@ -18,13 +17,6 @@ def _post(client, subject_bytes, **kw) -> dict:
     return r.json()
 
 
-def _run_all(client, job_id: str) -> None:
-    """Drive every stage in-process with the stand-in engine, as the worker would."""
-    ctx = client.app.state.ctx
-    p = Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
-    stage = "validate"
-    while stage:
-        stage = p.run(job_id, stage, task_id=str(uuid.uuid4()))
 
 
 def test_report_is_served_inline_with_a_no_network_policy(client, subject_bytes):
@@ -37,7 +29,7 @@ def test_report_is_served_inline_with_a_no_network_policy(client, subject_bytes)
     assert body["code"] == "report_not_ready" and body["job_status"] == "queued"
     assert "queued" in body["detail"] and f"/v1/jobs/{job['id']}" in body["detail"]
 
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     job = client.get(f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "succeeded" and job["urls"]["report"] == url
     r = client.get(url)
@@ -56,7 +48,7 @@ def test_report_is_served_inline_with_a_no_network_policy(client, subject_bytes)
 
 def test_failed_job_has_no_report_and_says_why(client, subject_bytes):
     job = _post(client, subject_bytes, config=f'{{"seed": {fake_engine.FAIL_INPUT_SEED}}}')
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     r = client.get(f"/v1/jobs/{job['id']}/report")
     assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
     body = r.json()
@@ -66,7 +58,7 @@ def test_failed_job_has_no_report_and_says_why(client, subject_bytes):
 
 def test_report_of_another_tenant_or_unknown_job_is_not_found(client, client_t2, subject_bytes):
     job = _post(client, subject_bytes)
-    _run_all(client, job["id"])
+    run_all_stages(client, job["id"])
     assert client.get(f"/v1/jobs/{job['id']}/report").status_code == 200
     for c, jid in ((client_t2, job["id"]), (client, str(uuid.uuid4())), (client, "nope")):
         r = c.get(f"/v1/jobs/{jid}/report")
