@@ -207,7 +207,7 @@ class Pipeline:
                 log.error("job %s has no stage %r", jid, stage)
                 return _Skip()
             if status is JobStatus.cancelling:
-                self._cancel_locked(s, job, stage)
+                self.cancel_locked(s, job, stage)
                 return _Skip()
             index = job.stages.index(stage)
             run = self._stage_run(s, job, stage, index)
@@ -229,7 +229,7 @@ class Pipeline:
             if run.status in (StageStatus.failed, StageStatus.cancelled):
                 return _Skip()
             if run.attempts >= self.settings.stage_max_attempts:
-                self._fail_locked(s, job, stage, "stage_attempts_exhausted",
+                self.fail_locked(s, job, stage, "stage_attempts_exhausted",
                                   f"the {stage} stage was started {run.attempts} times without "
                                   "finishing (its worker was lost: out of memory, killed, or past "
                                   "the hard time limit); use a smaller config or a bigger worker")
@@ -307,7 +307,7 @@ class Pipeline:
             if JobStatus(job.status) is JobStatus.cancelling:
                 job = jobs.get_job(s, claim.job_id, for_update=True)
                 if JobStatus(job.status) is JobStatus.cancelling:
-                    self._cancel_locked(s, job, claim.stage)
+                    self.cancel_locked(s, job, claim.stage)
                 return None
             if not self._still_ours(s, job, claim):
                 return None
@@ -317,7 +317,7 @@ class Pipeline:
             if not self._still_ours(s, job, claim):
                 if JobStatus(job.status) is JobStatus.cancelling:  # the cancel came meanwhile
                     s.info.setdefault(PURGE_KEY, []).extend(a["uri"] for a in new_artifacts)
-                    self._cancel_locked(s, job, claim.stage)
+                    self.cancel_locked(s, job, claim.stage)
                 return None
             for a in new_artifacts:
                 row = jobs.get_artifact(s, claim.job_id, a["name"])
@@ -385,9 +385,9 @@ class Pipeline:
                             .with_for_update()).one_or_none()
             if job is None or JobStatus(job.status).is_terminal():
                 return
-            self._fail_locked(s, job, stage, code, message)
+            self.fail_locked(s, job, stage, code, message)
 
-    def _fail_locked(self, s: Session, job: Job, stage: str | None, code: str, message: str) -> None:
+    def fail_locked(self, s: Session, job: Job, stage: str | None, code: str, message: str) -> None:
         transition(job, JobStatus.failed)
         job.error_code, job.error_message, job.error_stage = code, message, stage
         if stage is not None:
@@ -400,10 +400,10 @@ class Pipeline:
         with self.transaction() as s:
             job = jobs.get_job(s, job_id, for_update=True)
             if not JobStatus(job.status).is_terminal():
-                self._cancel_locked(s, job, stage)
+                self.cancel_locked(s, job, stage)
 
     @staticmethod
-    def _cancel_locked(s: Session, job: Job, stage: str | None) -> None:
+    def cancel_locked(s: Session, job: Job, stage: str | None) -> None:
         """Cancel the locked job and unpublish its artifacts: the rows go now, the stored
         objects once the session commits (see :meth:`transaction`)."""
         if JobStatus(job.status) is JobStatus.running:  # the engine stopped on its own

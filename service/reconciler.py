@@ -115,11 +115,11 @@ def _reconcile_job(p: Pipeline, jid: uuid.UUID, now: datetime, waiting: set[tupl
         if status is JobStatus.cancelling:
             # Nobody is running it (lease gone) or it waits unclaimed: no worker will end it.
             if expired or current is None or current.status is StageStatus.queued:
-                p._cancel_locked(s, job, stage)
+                p.cancel_locked(s, job, stage)
                 counts["cancelled"] += 1
             return None
         if expired and current is not None and current.attempts >= st.stage_max_attempts:
-            p._fail_locked(s, job, stage, "stage_attempts_exhausted",
+            p.fail_locked(s, job, stage, "stage_attempts_exhausted",
                            f"the {stage} stage was started {current.attempts} times and its worker "
                            "was lost each time (out of memory, killed, or its machine went away); "
                            "use a smaller config or a bigger worker, then submit the job again")

@@ -157,6 +157,17 @@ def submit_files(subject_bytes: dict[str, bytes], *, dataset: str | None = "digi
     return files, data
 
 
+@pytest.fixture
+def submit(client, subject_bytes):
+    """``submit(config=None) -> job id``: POST the stand-in subject as tenant t1, expect 202."""
+    def _submit(config: str | None = None) -> str:
+        files, data = submit_files(subject_bytes, config=config)
+        r = client.post("/v1/jobs", files=files, data=data)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+    return _submit
+
+
 def run_all_stages(client, job_id: str) -> None:  # noqa: ANN001 (TestClient)
     """Drive every stage of a job in-process, as the worker would, with the stand-in engine."""
     from service.pipeline import Pipeline

@@ -11,6 +11,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -87,6 +89,13 @@ def stack(pg_url, tmp_path_factory):
                       DARE_STAGE_STALE_AFTER_S=str(STALE_S), DARE_HEARTBEAT_INTERVAL_S="0.5",
                       DARE_REQUEUE_AFTER_S="3", DARE_RECONCILE_INTERVAL_S="0.5",
                       DARE_STAGE_MAX_ATTEMPTS=str(MAX_ATTEMPTS))
+    with running_stack(env, home, port, pg_url) as st:
+        yield st
+
+
+@contextmanager
+def running_stack(env: dict[str, str], home, port: int, pg_url: str) -> Iterator[dict]:  # noqa: ANN001
+    """`dare api` on ``port`` and a supervised worker, both with ``env``; stopped at the end."""
     st = {"base": f"http://127.0.0.1:{port}", "env": env, "home": home, "port": port,
           "db": session_factory(engine_for(pg_url))}
     st["api"] = Proc("api", dare_cmd("api", "--port", str(port)), env, home)

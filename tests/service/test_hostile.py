@@ -63,10 +63,8 @@ def _post(client, case: corpus.Case):  # noqa: ANN202
     return client.post("/v1/jobs", files=files, data=case.fields)
 
 
-def _check_refused(client, settings: Settings, case: corpus.Case, send) -> None:  # noqa: ANN001
-    before_files, before_jobs = _files_under(settings.home), _job_count(settings)
-    _results[case.name] = False
-    r = send()
+def _assert_problem(r, case: corpus.Case) -> None:  # noqa: ANN001 (httpx.Response)
+    """The refusal a user sees: the expected status and code, a detail naming what was wrong."""
     assert r.status_code == case.status, f"{case.name}: {r.status_code} {r.text[:500]}"
     assert r.headers["content-type"] == PROBLEM, case.name
     body = r.json()
@@ -74,6 +72,12 @@ def _check_refused(client, settings: Settings, case: corpus.Case, send) -> None:
     for w in case.words:
         assert w in body["detail"], f"{case.name}: {w!r} not in {body['detail']!r}"
     assert "Traceback" not in r.text
+
+
+def _check_refused(client, settings: Settings, case: corpus.Case, send) -> None:  # noqa: ANN001
+    before_files, before_jobs = _files_under(settings.home), _job_count(settings)
+    _results[case.name] = False
+    _assert_problem(send(), case)
     # Nothing stored, nothing left in staging, nothing written anywhere under home.
     assert _job_count(settings) == before_jobs, case.name
     assert _files_under(settings.home) == before_files, case.name
@@ -146,13 +150,7 @@ def test_deep_refusals_and_a_valid_subject(api):
 
     def one(case: corpus.Case) -> None:
         _results[case.name] = False
-        r = _post(client, case)
-        assert r.status_code == case.status, f"{case.name}: {r.status_code} {r.text[:500]}"
-        assert r.headers["content-type"] == PROBLEM, case.name
-        body = r.json()
-        assert body["code"] == case.code, f"{case.name}: {body}"
-        for w in case.words:
-            assert w in body["detail"], f"{case.name}: {w!r} not in {body['detail']!r}"
+        _assert_problem(_post(client, case), case)
         for p in case.must_not_exist:
             assert not p.exists(), f"{case.name} wrote {p}"
         assert client.get("/healthz").status_code == 200

@@ -18,17 +18,6 @@ from service.states import (ALLOWED, IllegalTransition, JobStatus, StageStatus, 
 from worker.engine.errors import Cancelled
 
 from . import fake_engine
-from .conftest import submit_files
-
-
-@pytest.fixture
-def submit(client, subject_bytes):
-    def _submit(config: str | None = None) -> str:
-        files, data = submit_files(subject_bytes, config=config)
-        r = client.post("/v1/jobs", files=files, data=data)
-        assert r.status_code == 202, r.text
-        return r.json()["id"]
-    return _submit
 
 
 @pytest.fixture

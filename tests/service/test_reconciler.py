@@ -35,16 +35,6 @@ def ctx(client):
 
 
 @pytest.fixture
-def submit(client, subject_bytes):
-    def _submit() -> str:
-        files, data = submit_files(subject_bytes)
-        r = client.post("/v1/jobs", files=files, data=data)
-        assert r.status_code == 202, r.text
-        return r.json()["id"]
-    return _submit
-
-
-@pytest.fixture
 def pipeline(ctx):
     return Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from . import fake_engine
-from .conftest import (FAKE_RUNNER, Proc, dare_cmd, free_port, service_env, wait_http, wait_job)
-from .test_crash import (TERMINAL, SupervisedWorker, _assert_each_stage_finished_once, _events,
-                         _submit, _wait_inside, fake_engine_stages)
+from .conftest import FAKE_RUNNER, free_port, service_env, wait_job
+from .test_crash import (TERMINAL, _assert_each_stage_finished_once, _events, _submit,
+                         _wait_inside, fake_engine_stages, running_stack)
 
 pytestmark = pytest.mark.slow
 
@@ -63,18 +63,11 @@ def stack(pg_url, tmp_path):
                       DARE_PROGRESS_INTERVAL_S="0.2", DARE_STAGE_STALE_AFTER_S="4",
                       DARE_HEARTBEAT_INTERVAL_S="0.5", DARE_REQUEUE_AFTER_S="3",
                       DARE_RECONCILE_INTERVAL_S="0.5")
-    from service.db import engine_for, session_factory
-
-    st = {"base": f"http://127.0.0.1:{port}", "redis": server,
-          "db": session_factory(engine_for(pg_url))}
-    st["api"] = Proc("api", dare_cmd("api", "--port", str(port)), env, tmp_path)
-    st["worker"] = SupervisedWorker(env, tmp_path)
     try:
-        wait_http(f"{st['base']}/readyz", st["api"])
-        yield st
+        with running_stack(env, tmp_path, port, pg_url) as st:
+            st["redis"] = server
+            yield st
     finally:
-        st["worker"].stop()
-        st["api"].stop()
         server.stop()
 
 
