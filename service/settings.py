@@ -92,10 +92,16 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, description="tries before a delivery is failed")
     webhook_backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles each try")
     webhook_backoff_max_s: float = Field(3600.0, gt=0, description="cap on one retry delay")
-    webhook_timeout_s: float = Field(10.0, gt=0, description="per POST")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="total wall-clock per POST: connect, TLS, request and answer")
     webhook_poll_interval_s: float = Field(2.0, ge=0, description="outbox polling; 0 disables")
     webhook_allow_private: bool = Field(
         False, description="allow webhook URLs on loopback/private/link-local addresses (SSRF)")
+    webhook_senders: int = Field(4, ge=1, description="webhook POSTs in flight at once")
+    webhook_per_tenant: int = Field(
+        2, ge=1, description="webhook POSTs in flight at once for one tenant")
+    webhook_max_response_bytes: int = Field(
+        65536, ge=1024, description="most of a receiver's answer read (status line, headers, body)")
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":

@@ -6,9 +6,11 @@ A job whose config has ``webhook_url`` gets a ``webhook_deliveries`` row for eac
 that records the event, so an event is sent if and only if it happened. :func:`deliver_due`, run
 periodically by the API's background runner, claims due rows (``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL, so API replicas share the work without sending a message twice), POSTs them signed
-per Standard Webhooks (https://www.standardwebhooks.com), and records every attempt both on the
-row and as a ``webhook_delivery`` job event. Delivery is at least once: a receiver deduplicates on
-``webhook-id``.
+per Standard Webhooks (https://www.standardwebhooks.com) from a small pool of sender threads
+(a few per tenant at most), and records every attempt both on the row and as a
+``webhook_delivery`` job event with a coarse result. Delivery is at least once: a receiver
+deduplicates on ``webhook-id``. Where a POST may go, and how it is bounded in time and size, is
+:mod:`service.webhook_net`.
 
 No FastAPI or Celery here.
 """
@@ -17,21 +19,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import random
 import secrets
-import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +40,9 @@ from .logs import log_context
 from .models import DeliveryStatus, Job, JobEvent, Tenant, WebhookDelivery
 from .settings import Settings
 from .states import JobStatus, utcnow
+from .webhook_net import UnsafeWebhookUrl, check_url, post
+
+__all__ = ["UnsafeWebhookUrl", "check_url", "deliver_due"]  # check_url is webhook_net's
 
 log = logging.getLogger("dare.webhooks")
 
@@ -48,7 +51,8 @@ JOB_EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed",
 STAGE_EVENT_TYPES = {"stage_started": "job.stage_started", "stage_finished": "job.stage_finished"}
 DELIVERY_EVENT = "webhook_delivery"  # the job event of each attempt; never itself sent
 SECRET_PREFIX = "whsec_"
-CLAIM_BATCH = 10
+LEASE_MARGIN_S = 60  # a claimed row is ours for the send's deadline plus this
+REFILL_S = 0.25  # while sends are in flight, how often free senders look for due rows
 TIMESTAMP_TOLERANCE_S = 300  # what receivers should accept (Standard Webhooks' default)
 
 HOW_TO_VERIFY = (
@@ -100,50 +104,14 @@ def tenant_secret(session: Session, tenant_id: uuid.UUID) -> str:
     return tenant.webhook_secret
 
 
-# --- where we may send (SSRF) -----------------------------------------------------------------
-
-class UnsafeWebhookUrl(ValueError):
-    """The URL cannot be used: not http(s), does not resolve, or reaches a private address."""
-
-
-def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified or not ip.is_global)
-
-
-def check_url(url: str, *, allow_private: bool) -> None:
-    """Refuse URLs whose host resolves to a loopback, private, link-local or otherwise
-    non-public address (cloud metadata at 169.254.169.254, the database next door), unless the
-    operator allows them. Called at submission and again before every POST, because DNS answers
-    change."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        raise UnsafeWebhookUrl(f"not a valid URL ({e})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UnsafeWebhookUrl("not an absolute http:// or https:// URL")
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise UnsafeWebhookUrl(f"the host {parts.hostname!r} does not resolve ({e})") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if _forbidden(ip):
-            raise UnsafeWebhookUrl(f"the host {parts.hostname!r} resolves to {ip}, a loopback, "
-                                   "private or link-local address, which webhooks may not reach")
-
+# --- where we may send (SSRF): service.webhook_net ---------------------------------------------
 
 def check_submitted_url(url: str, *, allow_private: bool) -> None:
     """:func:`check_url` for a submission: an ``InputError`` (422) naming the config field."""
     from worker.engine.errors import InputError
 
     try:
-        check_url(url, allow_private=allow_private)
+        check_url(url, allow_private=allow_private)  # the send checks again: DNS answers change
     except UnsafeWebhookUrl as e:
         raise InputError("invalid_webhook_url", f"config field 'webhook_url': {e}",
                          "use a public http(s) URL; an operator can allow private addresses "
@@ -209,6 +177,7 @@ def backoff_s(attempt: int, settings: Settings) -> float:
 class _Claimed:
     id: int
     job_id: uuid.UUID
+    tenant_id: uuid.UUID
     msg_id: str
     event_type: str
     url: str
@@ -220,54 +189,77 @@ class _Claimed:
 @dataclass
 class _Outcome:
     result: str  # delivered | retrying | failed | refused
+    reason: str  # coarse, safe to show the tenant: webhook_net.PostResult's outcomes, or
+    # refused_address / unresolvable / invalid_url / internal_error
     status_code: int | None = None
-    error: str | None = None
 
 
-def _claim(settings: Settings, factory: sessionmaker[Session], batch: int) -> list[_Claimed]:
+def _claim(settings: Settings, factory: sessionmaker[Session], want: int,
+           busy: Counter[uuid.UUID]) -> list[_Claimed]:
+    """Claim up to ``want`` due rows, leaving out tenants that already have
+    ``webhook_per_tenant`` sends in flight (``busy``, this process's count)."""
     now = utcnow()
-    # While we send, the rows are ours: pushing next_attempt_at past the longest the batch can
-    # take keeps other senders off them; if this process dies they fall due again.
-    lease = timedelta(seconds=settings.webhook_timeout_s * batch + 60)
+    # While we send, the row is ours: next_attempt_at goes past the send's deadline (a row is
+    # claimed only when a sender is free to start it at once), so no other sender takes it; if
+    # this process dies, it falls due again.
+    lease = timedelta(seconds=settings.webhook_timeout_s + LEASE_MARGIN_S)
+    counts = Counter(busy)
+    out: list[_Claimed] = []
     with session_scope(factory) as s:
-        stmt = (select(WebhookDelivery, Job.tenant_id).join(Job, Job.id == WebhookDelivery.job_id)
-                .where(WebhookDelivery.status == DeliveryStatus.pending,
-                       WebhookDelivery.next_attempt_at <= now)
-                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id).limit(batch)
-                # SKIP LOCKED: concurrent senders take different rows. SQLite has no row locks
-                # (SQLAlchemy renders nothing there) and a single writer anyway.
-                .with_for_update(of=WebhookDelivery, skip_locked=True))
-        rows = s.execute(stmt).all()
         secrets_by_tenant: dict[uuid.UUID, str] = {}
-        out = []
-        for row, tenant_id in rows:
-            if tenant_id not in secrets_by_tenant:
-                secrets_by_tenant[tenant_id] = tenant_secret(s, tenant_id)
-            row.attempts += 1
-            row.next_attempt_at = now + lease
-            out.append(_Claimed(id=row.id, job_id=row.job_id, msg_id=row.msg_id,
-                                event_type=row.event_type, url=row.url, payload=dict(row.payload),
-                                attempt=row.attempts, secret=secrets_by_tenant[tenant_id]))
-        return out
+        # Rounds: a round's rows can fill a tenant's allowance, then the next round asks again
+        # without that tenant, so a tenant with many due rows does not crowd out the others.
+        # Every non-empty round claims at least one row (claimed rows are no longer due once
+        # flushed), so this ends.
+        while len(out) < want:
+            full = [t for t, n in counts.items() if n >= settings.webhook_per_tenant]
+            stmt = (select(WebhookDelivery, Job.tenant_id)
+                    .join(Job, Job.id == WebhookDelivery.job_id)
+                    .where(WebhookDelivery.status == DeliveryStatus.pending,
+                           WebhookDelivery.next_attempt_at <= now)
+                    .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                    .limit(want - len(out))
+                    # SKIP LOCKED: concurrent senders take different rows. SQLite has no row
+                    # locks (SQLAlchemy renders nothing there) and a single writer anyway.
+                    .with_for_update(of=WebhookDelivery, skip_locked=True))
+            if full:
+                stmt = stmt.where(Job.tenant_id.not_in(full))
+            rows = s.execute(stmt).all()
+            if not rows:
+                break
+            for row, tenant_id in rows:
+                if counts[tenant_id] >= settings.webhook_per_tenant:
+                    continue  # an earlier row of this round filled the tenant's allowance
+                counts[tenant_id] += 1
+                if tenant_id not in secrets_by_tenant:
+                    secrets_by_tenant[tenant_id] = tenant_secret(s, tenant_id)
+                row.attempts += 1
+                row.next_attempt_at = now + lease
+                out.append(_Claimed(id=row.id, job_id=row.job_id, tenant_id=tenant_id,
+                                    msg_id=row.msg_id, event_type=row.event_type, url=row.url,
+                                    payload=dict(row.payload), attempt=row.attempts,
+                                    secret=secrets_by_tenant[tenant_id]))
+            s.flush()
+    return out
 
 
-def _send(c: _Claimed, settings: Settings, client: httpx.Client) -> _Outcome:
+def _send(c: _Claimed, settings: Settings) -> _Outcome:
     try:
-        check_url(c.url, allow_private=settings.webhook_allow_private)
+        # Resolved and checked now (DNS answers change), and the POST connects to exactly the
+        # addresses checked here.
+        target = check_url(c.url, allow_private=settings.webhook_allow_private)
     except UnsafeWebhookUrl as e:
-        return _Outcome("refused", error=str(e))
+        log.info("webhook %s: not sent: %s", c.msg_id, e)
+        # A DNS failure may pass; a forbidden address or a bad URL is final.
+        return _Outcome("retrying" if e.code == "unresolvable" else "refused", e.code)
     body = json.dumps(c.payload, separators=(",", ":"), sort_keys=True).encode()
-    try:
-        r = client.post(c.url, content=body, headers=signed_headers(c.secret, c.msg_id, body),
-                        timeout=settings.webhook_timeout_s)
-    except httpx.HTTPError as e:
-        return _Outcome("retrying", error=f"{type(e).__name__}: {e}"[:500])
-    except Exception as e:  # e.g. httpx.InvalidURL: still an attempt, recorded, not a crash
-        log.warning("webhook %s: unexpected error while sending", c.msg_id, exc_info=True)
-        return _Outcome("retrying", error=f"{type(e).__name__}: {e}"[:500])
-    if 200 <= r.status_code < 300:
-        return _Outcome("delivered", status_code=r.status_code)
-    return _Outcome("retrying", status_code=r.status_code, error=f"HTTP {r.status_code}")
+    r = post(target, body, signed_headers(c.secret, c.msg_id, body),
+             timeout_s=settings.webhook_timeout_s,
+             max_response_bytes=settings.webhook_max_response_bytes)
+    if r.detail:
+        log.info("webhook %s: %s (%s)", c.msg_id, r.outcome, r.detail)
+    return _Outcome("delivered" if r.outcome == "delivered" else "retrying", r.outcome,
+                    r.status_code)
 
 
 def _record(c: _Claimed, o: _Outcome, settings: Settings, factory: sessionmaker[Session]) -> None:
@@ -277,51 +269,74 @@ def _record(c: _Claimed, o: _Outcome, settings: Settings, factory: sessionmaker[
                         .with_for_update()).one_or_none()
         if row is None:  # its job was deleted meanwhile
             return
-        row.last_status_code, row.last_error = o.status_code, o.error
         data: dict[str, Any] = {"msg_id": c.msg_id, "type": c.event_type, "attempt": c.attempt}
+        # Only the sender that holds the latest claim moves the row. Sends end by their deadline,
+        # well inside the lease, so this is a guard, not a path.
+        ours = row.status == DeliveryStatus.pending and row.attempts == c.attempt
+        if ours:
+            row.last_status_code = o.status_code
+            row.last_error = None if o.result == "delivered" else o.reason
         if o.result == "delivered":
-            row.status, row.delivered_at, row.next_attempt_at = DeliveryStatus.delivered, now, None
+            if ours:
+                row.status, row.delivered_at, row.next_attempt_at = (
+                    DeliveryStatus.delivered, now, None)
         elif o.result == "retrying" and c.attempt < settings.webhook_max_attempts:
-            row.next_attempt_at = now + timedelta(seconds=backoff_s(c.attempt, settings))
-            data["next_attempt_at"] = row.next_attempt_at.isoformat()
+            if ours:
+                row.next_attempt_at = now + timedelta(seconds=backoff_s(c.attempt, settings))
+                data["next_attempt_at"] = row.next_attempt_at.isoformat()
         else:
             if o.result == "retrying":
                 o.result = "failed"  # out of attempts
-            row.status, row.next_attempt_at = DeliveryStatus.failed, None
+            if ours:
+                row.status, row.next_attempt_at = DeliveryStatus.failed, None
         data["result"] = o.result
         if o.status_code is not None:
             data["status_code"] = o.status_code
-        if o.error is not None and o.status_code is None:
-            data["error"] = o.error
+        if o.result != "delivered":
+            data["error"] = o.reason
         # Straight to the table, not jobs.add_event: an attempt is never itself a webhook.
         s.add(JobEvent(job_id=c.job_id, kind=DELIVERY_EVENT, stage=None, data=data, at=now))
     with log_context(job_id=c.job_id):
-        log.info("webhook %s (%s) attempt %d: %s%s", c.msg_id, c.event_type, c.attempt, o.result,
-                 f" ({o.error})" if o.error else "")
+        log.info("webhook %s (%s) attempt %d: %s (%s)", c.msg_id, c.event_type, c.attempt,
+                 o.result, o.reason)
+
+
+def _deliver(c: _Claimed, settings: Settings, factory: sessionmaker[Session]) -> None:
+    """One attempt in a sender thread: send, then record."""
+    try:
+        outcome = _send(c, settings)
+    except Exception:  # a bug, not the receiver: still an attempt, recorded, retried
+        log.exception("webhook %s: unexpected error while sending", c.msg_id)
+        outcome = _Outcome("retrying", "internal_error")
+    try:
+        _record(c, outcome, settings, factory)
+    except Exception:  # e.g. the database is down: the row falls due again after its lease
+        log.exception("webhook %s: could not record attempt %d", c.msg_id, c.attempt)
 
 
 def deliver_due(settings: Settings, factory: sessionmaker[Session], *,
-                client: httpx.Client | None = None, batch: int = CLAIM_BATCH,
-                max_batches: int = 10) -> int:
-    """Send what is due; return the number of attempts made. Safe to run in several processes
-    at once."""
-    own = client is None
-    # trust_env=False: no proxy from the environment, so the address checked is the one reached;
-    # redirects are not followed (a 3xx is a failed attempt), for the same reason.
-    client = client or httpx.Client(follow_redirects=False, trust_env=False)
-    attempts = 0
-    try:
-        for _ in range(max_batches):
-            claimed = _claim(settings, factory, batch)
-            for c in claimed:
-                _record(c, _send(c, settings, client), settings, factory)
-                attempts += 1
-            if len(claimed) < batch:
-                break
-    finally:
-        if own:
-            client.close()
-    return attempts
+                max_sends: int = 200) -> int:
+    """Send what is due and return the number of attempts made; return when nothing is due or
+    in flight (or ``max_sends`` were started). Safe to run in several processes at once.
+
+    ``webhook_senders`` threads send at once, at most ``webhook_per_tenant`` of them for one
+    tenant, and each send ends by its deadline. While sends are in flight, free senders keep
+    claiming rows that fall due, so one slow receiver holds one sender, not the others."""
+    running: dict[Future[None], uuid.UUID] = {}
+    started = 0
+    with ThreadPoolExecutor(settings.webhook_senders, thread_name_prefix="webhook-send") as pool:
+        while True:
+            free = settings.webhook_senders - len(running)
+            if free > 0 and started < max_sends:
+                for c in _claim(settings, factory, min(free, max_sends - started),
+                                Counter(running.values())):
+                    running[pool.submit(_deliver, c, settings, factory)] = c.tenant_id
+                    started += 1
+            if not running:
+                return started
+            done, _ = wait(running, timeout=REFILL_S, return_when=FIRST_COMPLETED)
+            for f in done:
+                del running[f]
 
 
 def delivery_counts(session: Session) -> dict[str, int]:
