@@ -106,7 +106,7 @@ def _wrapped_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Ad
 
 def refusal_reason(ip: IPAddress) -> str | None:
     """``None`` when a webhook may reach ``ip`` (public unicast); otherwise what it is, e.g.
-    ``'loopback'`` or ``'6to4-wrapped private'``.
+    ``'loopback'`` or ``'private, wrapped in 6to4'``.
 
     An IPv6 address that carries an IPv4 one is judged by that too. IPv4-mapped and NAT64 are
     only other spellings of the IPv4 address, so a public one inside is enough; the others
@@ -116,7 +116,7 @@ def refusal_reason(ip: IPAddress) -> str | None:
         wrapped = _wrapped_ipv4(ip)
         for how, v4 in wrapped:
             if (reason := _plain_reason(v4)) is not None:
-                return f"{how}-wrapped {reason}"
+                return f"{reason}, wrapped in {how}"
         if wrapped and wrapped[0][0] in ("IPv4-mapped", "NAT64"):
             return None
     return _plain_reason(ip)
@@ -160,10 +160,9 @@ def check_url(url: str, *, allow_private: bool) -> Target:
         for a in addresses:
             reason = refusal_reason(ipaddress.ip_address(a.split("%", 1)[0]))
             if reason is not None:
-                article = "an" if reason[0] in "aeiouAEIOU" else "a"
                 raise UnsafeWebhookUrl(
-                    "refused_address", f"the host {u.host!r} resolves to {article} {reason} "
-                    "address, which webhooks may not reach")
+                    "refused_address", f"the host {u.host!r} resolves to an address webhooks "
+                    f"may not reach ({reason})")
     return Target(url=u, host=host, port=port, addresses=tuple(addresses))
 
 
