@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -19,7 +20,7 @@ from service.states import utcnow
 from service.webhook_net import check_url, post
 from service.webhooks import deliver_due
 
-from .conftest import submit_files
+from .conftest import make_key, submit_files
 from .test_webhooks import Receiver, deliveries
 
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
@@ -159,7 +160,7 @@ def test_an_answer_whose_headers_exceed_the_cap_is_refused(raw_receiver):
 @pytest.fixture
 def settings(settings):  # the conftest's, with loopback receivers allowed
     return settings.model_copy(update={"webhook_allow_private": True, "webhook_poll_interval_s": 0,
-                                       "webhook_timeout_s": 2.0, "webhook_max_attempts": 1,
+                                       "webhook_timeout_s": 3.0, "webhook_max_attempts": 1,
                                        "webhook_senders": 4, "webhook_per_tenant": 1})
 
 
@@ -172,21 +173,47 @@ def cancelled_job(client, subject_bytes, url: str) -> str:
     return jid
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def two_tenants(request, settings, dispatcher, tmp_path):
+    """Clients for tenants t1 and t2 of one API, on each database backend."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.db import upgrade
+
+    s = settings
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'senders.db'}"
+        upgrade(url)
+        s = settings.model_copy(update={"database_url": url})
+    app = create_app(s, dispatcher=dispatcher)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c1:
+            c2 = TestClient(app, raise_server_exceptions=False)
+            for c, tenant in ((c1, "t1"), (c2, "t2")):
+                c.headers["Authorization"] = f"Bearer {make_key(app.state.ctx.factory, tenant)}"
+            yield c1, c2
+    finally:
+        app.state.ctx.engine.dispose()
+
+
 def test_a_slow_receiver_holds_one_sender_while_other_tenants_are_served(
-        client, client_t2, subject_bytes, raw_receiver):
+        two_tenants, subject_bytes, raw_receiver):
     """Tenant 1 has two deliveries to a receiver that drips; tenant 2 has one due now and one
     that falls due while the first drip is in flight. With one send per tenant at a time,
-    tenant 1's two are sent one after the other, each cut at the 2 s deadline, and exactly
+    tenant 1's two are sent one after the other, each cut at the 3 s deadline, and exactly
     once; tenant 2's both arrive while tenant 1's first is still dripping."""
+    client, client_t2 = two_tenants
     ctx = client.app.state.ctx
     slow = raw_receiver(drip)
     fast = Receiver()
     try:
         slow_jobs = [cancelled_job(client, subject_bytes, slow.url) for _ in range(2)]
         fast_jobs = [cancelled_job(client_t2, subject_bytes, fast.url) for _ in range(2)]
+        t_due = time.monotonic() + 0.8
         with ctx.factory.begin() as s:  # tenant 2's second falls due in 0.8 s
             row = s.scalars(sql_select(WebhookDelivery).join(Job)
-                            .where(Job.id == fast_jobs[1])).one()
+                            .where(Job.id == uuid.UUID(fast_jobs[1]))).one()
             row.next_attempt_at = utcnow() + timedelta(seconds=0.8)
         t0 = time.monotonic()
         assert deliver_due(ctx.settings, ctx.factory) == 4
@@ -195,13 +222,14 @@ def test_a_slow_receiver_holds_one_sender_while_other_tenants_are_served(
     finally:
         fast.close()
     first, second = slow.connections  # one connection per delivery: no double send
-    for c in (first, second):
-        assert c["closed"] is not None and 1.8 <= c["closed"] - c["opened"] < 3.0, c
+    for c in (first, second):  # cut at the 3 s deadline (the drip would take 35 s); the
+        # receiver notes the opening late when this machine is busy, hence the low bound's slack
+        assert c["closed"] is not None and 2.0 <= c["closed"] - c["opened"] < 4.0, c
     assert second["opened"] >= first["closed"] - 0.1  # tenant 1: one at a time
     assert len(fast.times) == 2
     assert fast.times[0] - t0 < 1.0
-    assert t0 + 0.75 <= fast.times[1] < first["closed"]  # claimed while the drip ran
-    assert 3.6 <= took < 6.5, took
+    assert t_due <= fast.times[1] < first["closed"]  # claimed while the drip ran
+    assert 5.6 <= took < 9.0, took
     for jid in slow_jobs:
         assert [(d["result"], d["error"]) for d in deliveries(client, jid)] == \
             [("failed", "timeout")]
