@@ -42,8 +42,6 @@ from .settings import Settings
 from .states import JobStatus, utcnow
 from .webhook_net import UnsafeWebhookUrl, check_url, post
 
-__all__ = ["UnsafeWebhookUrl", "check_url", "deliver_due"]  # check_url is webhook_net's
-
 log = logging.getLogger("dare.webhooks")
 
 JOB_EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed",

@@ -47,7 +47,7 @@ class RawReceiver:
     """Accepts connections on 127.0.0.1 and hands each, after reading the request, to
     ``answer(conn, record)``; ``record`` holds the connection's opened/closed times."""
 
-    def __init__(self, answer) -> None:  # noqa: ANN001
+    def __init__(self, answer) -> None:
         self.answer = answer
         self.connections: list[dict] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -115,7 +115,7 @@ def endless_headers(conn: socket.socket, record: dict) -> None:
 def raw_receiver():
     made: list[RawReceiver] = []
 
-    def make(answer) -> RawReceiver:  # noqa: ANN001
+    def make(answer) -> RawReceiver:
         made.append(RawReceiver(answer))
         return made[-1]
     yield make

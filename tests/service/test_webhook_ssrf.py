@@ -69,7 +69,7 @@ def dns(monkeypatch):
     calls: dict[str, int] = {}
     real = socket.getaddrinfo
 
-    def fake(host, port, family=0, type=0, proto=0, flags=0):  # noqa: ANN001, A002
+    def fake(host, port, family=0, type=0, proto=0, flags=0):
         name = host.decode() if isinstance(host, bytes) else host
         if name not in answers:
             return real(host, port, family, type, proto, flags)
@@ -96,7 +96,7 @@ def connects(monkeypatch):
     down: set[str] = set()
     real = httpcore.SyncBackend.connect_tcp
 
-    def record(self, host, port, *args, **kw):  # noqa: ANN001
+    def record(self, host, port, *args, **kw):
         seen.append((host, port))
         if host in down:
             raise httpcore.ConnectError(f"{host} is unreachable (test)")
@@ -220,9 +220,9 @@ def _ca_and_leaf(hostname: str) -> tuple[bytes, bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
-    def cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, san: str | None = None):  # noqa: ANN001
+    def cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, san: str | None = None):
         b = (x509.CertificateBuilder()
              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
              .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
@@ -243,7 +243,7 @@ def _ca_and_leaf(hostname: str) -> tuple[bytes, bytes, bytes]:
                 issuer_key.public_key()), critical=False)
         return b.sign(issuer_key, hashes.SHA256())
 
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
     ca = cert("test CA", ca_key, "test CA", ca_key, ca=True)
     leaf = cert(hostname, leaf_key, "test CA", ca_key, ca=False, san=hostname)
     pem = serialization.Encoding.PEM
@@ -255,7 +255,7 @@ def _ca_and_leaf(hostname: str) -> tuple[bytes, bytes, bytes]:
 class TlsReceiver:
     """An HTTPS receiver on 127.0.0.1 that records the SNI names and Host headers it sees."""
 
-    def __init__(self, cert_pem: bytes, key_pem: bytes, tmp_path) -> None:  # noqa: ANN001
+    def __init__(self, cert_pem: bytes, key_pem: bytes, tmp_path) -> None:
         (tmp_path / "c.pem").write_bytes(cert_pem)
         (tmp_path / "k.pem").write_bytes(key_pem)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -266,7 +266,7 @@ class TlsReceiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 outer.hosts.append(self.headers["host"])
                 self.send_response(204)
@@ -276,7 +276,7 @@ class TlsReceiver:
                 pass
 
         class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+            def handle_error(self, request, client_address) -> None:
                 pass  # a refused handshake is expected in one test
 
         self.server = Server(("127.0.0.1", 0), Handler)
