@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles each try")
     webhook_backoff_max_s: float = Field(3600.0, gt=0, description="cap on one retry delay")
     webhook_timeout_s: float = Field(
-        10.0, gt=0, description="total wall-clock per POST: connect, TLS, request and answer")
+        10.0, gt=0, description="total wall-clock per attempt: DNS, connect, TLS, request, answer")
     webhook_poll_interval_s: float = Field(2.0, ge=0, description="outbox polling; 0 disables")
     webhook_allow_private: bool = Field(
         False, description="allow webhook URLs on loopback/private/link-local addresses (SSRF)")

@@ -129,6 +129,31 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def _resolve_within(host: str, port: int, timeout_s: float | None) -> list[str]:
+    """:func:`resolve`, given up after ``timeout_s``: getaddrinfo cannot be interrupted, and a
+    slow name server (the URL's owner may run it) must not stretch a send past its deadline.
+    The lookup goes on in a daemon thread until the system resolver's own timeout ends it."""
+    if timeout_s is None:
+        return resolve(host, port)
+    result: list[list[str]] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(resolve(host, port))
+        except (OSError, UnicodeError) as e:  # handed to the caller
+            error.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="webhook-resolve")
+    t.start()
+    t.join(timeout_s)
+    if error:
+        raise error[0]
+    if not result:
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    return result[0]
+
+
 @dataclass(frozen=True)
 class Target:
     """A checked URL and the only addresses a POST to it may connect to."""
@@ -138,10 +163,11 @@ class Target:
     addresses: tuple[str, ...]
 
 
-def check_url(url: str, *, allow_private: bool) -> Target:
-    """Parse, resolve once and check ``url``; the :class:`Target` is what :func:`post` sends to.
-    ``allow_private`` (DARE_WEBHOOK_ALLOW_PRIVATE) skips the address check but not the
-    resolution, so even then the connection goes to the address resolved here."""
+def check_url(url: str, *, allow_private: bool, timeout_s: float | None = None) -> Target:
+    """Parse, resolve once (within ``timeout_s``) and check ``url``; the :class:`Target` is what
+    :func:`post` sends to. ``allow_private`` (DARE_WEBHOOK_ALLOW_PRIVATE) skips the address
+    check but not the resolution, so even then the connection goes to the address resolved
+    here."""
     try:
         u = httpx.URL(url)
         scheme, host, port = u.scheme, u.raw_host.decode("ascii"), u.port
@@ -151,7 +177,10 @@ def check_url(url: str, *, allow_private: bool) -> Target:
         raise UnsafeWebhookUrl("invalid_url", "not an absolute http:// or https:// URL")
     port = port or (443 if scheme == "https" else 80)
     try:
-        addresses = resolve(host, port)
+        addresses = _resolve_within(host, port, timeout_s)
+    except TimeoutError as e:
+        raise UnsafeWebhookUrl("unresolvable", f"the host {u.host!r} did not resolve ({e})"
+                               ) from None
     except (OSError, UnicodeError):
         addresses = []
     if not addresses:

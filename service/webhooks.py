@@ -50,7 +50,8 @@ STAGE_EVENT_TYPES = {"stage_started": "job.stage_started", "stage_finished": "jo
 DELIVERY_EVENT = "webhook_delivery"  # the job event of each attempt; never itself sent
 SECRET_PREFIX = "whsec_"
 LEASE_MARGIN_S = 60  # a claimed row is ours for the send's deadline plus this
-REFILL_S = 0.25  # while sends are in flight, how often free senders look for due rows
+REFILL_S = 0.25
+SUBMIT_RESOLVE_TIMEOUT_S = 5.0  # a submission waits no longer for the webhook host's DNS  # while sends are in flight, how often free senders look for due rows
 TIMESTAMP_TOLERANCE_S = 300  # what receivers should accept (Standard Webhooks' default)
 
 HOW_TO_VERIFY = (
@@ -109,7 +110,8 @@ def check_submitted_url(url: str, *, allow_private: bool) -> None:
     from worker.engine.errors import InputError
 
     try:
-        check_url(url, allow_private=allow_private)  # the send checks again: DNS answers change
+        # The send checks again: DNS answers change.
+        check_url(url, allow_private=allow_private, timeout_s=SUBMIT_RESOLVE_TIMEOUT_S)
     except UnsafeWebhookUrl as e:
         raise InputError("invalid_webhook_url", f"config field 'webhook_url': {e}",
                          "use a public http(s) URL; an operator can allow private addresses "
@@ -242,17 +244,21 @@ def _claim(settings: Settings, factory: sessionmaker[Session], want: int,
 
 
 def _send(c: _Claimed, settings: Settings) -> _Outcome:
+    started = time.monotonic()  # the deadline covers the lookup too
     try:
         # Resolved and checked now (DNS answers change), and the POST connects to exactly the
         # addresses checked here.
-        target = check_url(c.url, allow_private=settings.webhook_allow_private)
+        target = check_url(c.url, allow_private=settings.webhook_allow_private,
+                           timeout_s=settings.webhook_timeout_s)
     except UnsafeWebhookUrl as e:
         log.info("webhook %s: not sent: %s", c.msg_id, e)
         # A DNS failure may pass; a forbidden address or a bad URL is final.
         return _Outcome("retrying" if e.code == "unresolvable" else "refused", e.code)
+    left = settings.webhook_timeout_s - (time.monotonic() - started)
+    if left <= 0:
+        return _Outcome("retrying", "timeout")
     body = json.dumps(c.payload, separators=(",", ":"), sort_keys=True).encode()
-    r = post(target, body, signed_headers(c.secret, c.msg_id, body),
-             timeout_s=settings.webhook_timeout_s,
+    r = post(target, body, signed_headers(c.secret, c.msg_id, body), timeout_s=left,
              max_response_bytes=settings.webhook_max_response_bytes)
     if r.detail:
         log.info("webhook %s: %s (%s)", c.msg_id, r.outcome, r.detail)

@@ -11,6 +11,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -112,6 +113,19 @@ def test_a_name_with_one_internal_address_among_public_ones_is_refused(dns):
         check_url("https://mixed.test/hook", allow_private=False)
     assert e.value.code == "refused_address" and "loopback, wrapped in 6to4" in str(e.value)
     assert "7f00" not in str(e.value) and PUBLIC_V4 not in str(e.value)  # no addresses told
+
+
+def test_a_slow_name_server_does_not_stretch_the_deadline(dns):
+    """The lookup counts against the send's time: a name server that takes 3 s to answer
+    (the URL's owner may run it) is given up on after the 0.5 s allowed."""
+    def slow(n: int) -> list[str]:
+        time.sleep(3)
+        return [PUBLIC_V4]
+    dns.answers["slow.test"] = slow
+    t0 = time.monotonic()
+    with pytest.raises(UnsafeWebhookUrl) as e:
+        check_url("https://slow.test/hook", allow_private=False, timeout_s=0.5)
+    assert e.value.code == "unresolvable" and time.monotonic() - t0 < 1.5
 
 
 @pytest.fixture
