@@ -20,7 +20,7 @@ from service.states import utcnow
 from service.webhook_net import check_url, post
 from service.webhooks import deliver_due
 
-from .conftest import make_key, submit_files
+from .conftest import make_key, submit_files, tenant_id
 from .test_webhooks import Receiver, deliveries
 
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
@@ -258,3 +258,23 @@ def test_a_claimed_row_stays_claimed_past_the_send_deadline(client, subject_byte
     finally:
         runner.join(10)
     assert len(slow.connections) == 1
+
+
+def test_a_tenant_with_many_due_rows_does_not_crowd_out_another(client, client_t2,
+                                                                 subject_bytes):
+    """Three of tenant 1's rows are due before tenant 2's one; two free senders, one send per
+    tenant: the claim takes one of each (and leaves tenant 1's others due)."""
+    from collections import Counter
+
+    from service.webhooks import _claim
+
+    ctx = client.app.state.ctx
+    url = "http://127.0.0.1:9/hook"  # never sent to here
+    for _ in range(3):
+        cancelled_job(client, subject_bytes, url)
+    cancelled_job(client_t2, subject_bytes, url)
+    settings = ctx.settings.model_copy(update={"webhook_senders": 2})
+    claimed = _claim(settings, ctx.factory, 2, Counter())
+    assert len({c.tenant_id for c in claimed}) == 2
+    busy = Counter({tenant_id(ctx.factory, "t1"): 1})  # tenant 1 still sending: nothing more for it, and t2's is taken
+    assert _claim(settings, ctx.factory, 2, busy) == []
