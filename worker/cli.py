@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--history", required=True, type=Path, help="zip of per-epoch checkpoints")
     src = h.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help=".npz with x_train, y_train, x_val, y_val, x_test, y_test")
-    src.add_argument("--dataset", help="embedded dataset: digits or mnist5k")
+    src.add_argument("--dataset", help="embedded dataset: digits, mnist5k or fashion")
     h.add_argument("--out", required=True, type=Path, help="directory for the artifacts")
     h.add_argument("--config", default=None, help="JSON config (a string, or @file.json)")
     h.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train-reference", help="train a reference subject with per-epoch checkpoints")
     t.add_argument("--arch", default="lenet", choices=["mlp", "lenet", "vgg", "resnet"])
-    t.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    t.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "fashion"])
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, type=Path)
