@@ -156,7 +156,8 @@ def _slice(ctx: "StageContext") -> dict:
     return {"q": res.q, "key_synapse_fraction": res.stats["key_synapse_fraction"],
             "nonzero_synapse_fraction": res.stats["nonzero_synapse_fraction"],
             "cut_node": res.cut_node, "layers_in_mt": res.stats["layers_in_mt"],
-            "key_units_per_class": res.stats["key_units_per_class"]}
+            "key_units_per_class": res.stats["key_units_per_class"],
+            "frozen_share": res.stats["frozen_share"]}
 
 
 def _mine(ctx: "StageContext", mode: str = "best"):
@@ -332,7 +333,7 @@ def _evaluate(ctx: "StageContext") -> dict:
         evaluation=ev, chosen=method, clean_drop_limit=ctx.config.clean_drop_limit,
         slicing={"q": sl["q"], "key_synapse_fraction": sl["key_synapse_fraction"],
                  "nonzero_synapse_fraction": sl["nonzero_synapse_fraction"],
-                 "layers_in_mt": sl["layers_in_mt"]},
+                 "layers_in_mt": sl["layers_in_mt"], "frozen_share": sl.get("frozen_share")},
         mining={"candidates": mi["candidates"], "mined": mi["mined"], "window": mi["window"]},
         comparison=comparison)
     write_report(report, ctx.path("artifacts"))
