@@ -41,6 +41,9 @@ def test_cli_harden_writes_every_artifact_of_the_contract(subject, tmp_path, cap
     assert set(report["attacks"]) == {"fgsm", "pgd", "jsma"}
     assert report["clean_accuracy"]["within_budget"] is True
     assert report["mining"]["mined"] > 0 and 0 < report["slicing"]["key_synapse_fraction"] < 1
+    per_class = report["mining"]["mined_per_class"]
+    assert len(per_class) == 10 and sum(per_class) == report["mining"]["mined"]
+    assert report["slicing"]["frozen_share"]["overall"] == pytest.approx(0.05, abs=0.02)
     assert {"slice", "mine", "tune", "evaluate"} <= set(report["timings_s"])
     # the hardened ONNX runs in onnxruntime and is not the original
     x = torch.rand(4, 1, 8, 8).numpy()

@@ -176,7 +176,10 @@ def _mine(ctx: "StageContext", mode: str = "best"):
 def _mine_stage(ctx: "StageContext") -> dict:
     mined = _mine(ctx)
     _save_pt(mined.to_state(), ctx.path("state", "mined.pt"))
+    classes = int(mined.tutor_logits.shape[1]) if mined.tutor_logits.dim() == 2 else 0
     return {"candidates": mined.candidates, "mined": len(mined.y), "window": mined.window,
+            # how many samples got a tutor, per class: a class with few has little to tune on
+            "mined_per_class": torch.bincount(mined.y, minlength=classes).tolist(),
             "tutors": {mined.window[i]: int(n) for i, n in
                        enumerate(torch.bincount(mined.tutor, minlength=len(mined.window)))}}
 
@@ -334,7 +337,8 @@ def _evaluate(ctx: "StageContext") -> dict:
         slicing={"q": sl["q"], "key_synapse_fraction": sl["key_synapse_fraction"],
                  "nonzero_synapse_fraction": sl["nonzero_synapse_fraction"],
                  "layers_in_mt": sl["layers_in_mt"], "frozen_share": sl.get("frozen_share")},
-        mining={"candidates": mi["candidates"], "mined": mi["mined"], "window": mi["window"]},
+        mining={"candidates": mi["candidates"], "mined": mi["mined"], "window": mi["window"],
+                "mined_per_class": mi.get("mined_per_class")},
         comparison=comparison)
     write_report(report, ctx.path("artifacts"))
     ca = report["clean_accuracy"]
