@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 EMBEDDED = ("digits", "mnist5k", "fashion")  # datasets shipped in installed (Python or Debian) packages
 ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
 AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
-ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined")
+ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
 METHODS = ("dare", "dare_adv") + AT_METHODS + ("auto",)
 
 

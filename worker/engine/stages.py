@@ -241,7 +241,9 @@ def _tune(ctx: "StageContext") -> dict:
 
 
 COMPARED = ("dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma", "at_pgd_online",
-            "dare_s", "dare_sl", "dare_rand", "finetune_mined")
+            "dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
+# Controls are measured beside the methods but never recommended: they are not hardening.
+CONTROLS = ("finetune_mined", "weight_noise")
 
 
 def _compare(ctx: "StageContext") -> dict:
@@ -265,6 +267,11 @@ def _compare(ctx: "StageContext") -> dict:
         if method == tuned_method:
             models[method] = _load_into(model.gm, ctx.path("state", "tuned.safetensors"))
             info = {"reused": "tune stage", **stage_done(ctx.workdir, "tune")["summary"]}
+        elif method == "weight_noise":
+            from .controls import weight_noise_like
+
+            models[method], info = weight_noise_like(model.gm, models["dare"],
+                                                     seed=ctx.config.seed, of="dare")
         else:
             models[method], info = harden(ctx, method,
                                           progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
@@ -280,6 +287,11 @@ def _compare(ctx: "StageContext") -> dict:
                   reuse_sanity=json.loads(cache.read_text()) if cache.exists() else None)
     cache.write_text(json.dumps(ev.pop("sanity")))
     comp = build_comparison(ev, ctx.config.clean_drop_limit)
+    if comp["recommended"] in CONTROLS:
+        from .report import recommend
+
+        comp["recommended"] = recommend({k: v for k, v in comp["methods"].items()
+                                         if k not in CONTROLS}, ctx.config.clean_drop_limit)
     recommended = comp["recommended"] or tuned_method
     chosen = recommended if ctx.config.method == "auto" else tuned_method
     (ctx.path("state", "evaluation.json")).write_text(json.dumps(ev))
