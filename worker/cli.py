@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     t.add_argument("--max-train", type=int, default=None,
                    help="train on the first N training images only (CPU runs)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the non-test data used as validation (0.5: the paper's split); "
+                        "jobs on this subject must set the same val_fraction")
     t.add_argument("--out", required=True, type=Path)
     t.set_defaults(func=train_reference_cmd)
 
@@ -123,7 +126,8 @@ def train_reference_cmd(args: argparse.Namespace) -> int:
     from .engine.reference.train import train_reference
 
     info = train_reference(args.arch, args.dataset, args.epochs, args.out, seed=args.seed,
-                           width=args.width, lr_schedule=args.lr_schedule, max_train=args.max_train)
+                           width=args.width, lr_schedule=args.lr_schedule, max_train=args.max_train,
+                           val_fraction=args.val_fraction)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2,
                      default=str))
     return 0

@@ -58,7 +58,8 @@ def _stamp(p: Path) -> float:
 
 
 @lru_cache(maxsize=2)
-def _inputs_cached(workdir: str, dataset: str | None, seed: int, stamp: tuple):
+def _inputs_cached(workdir: str, dataset: str | None, seed: int, stamp: tuple,
+                   val_fraction: float | None = None):
     from .data import check_data_against_model, load_data
     from .graph import plain_graph_module
     from .history import load_history
@@ -69,7 +70,7 @@ def _inputs_cached(workdir: str, dataset: str | None, seed: int, stamp: tuple):
     model.gm = plain_graph_module(model.gm)
     history = load_history(wd / "inputs" / "history.zip", model)
     npz = wd / "inputs" / "data.npz"
-    splits = load_data(npz if npz.exists() else None, dataset, seed=seed)
+    splits = load_data(npz if npz.exists() else None, dataset, seed=seed, val_fraction=val_fraction)
     check_data_against_model(splits, model.input_shape, model.num_outputs)
     return model, history, splits
 
@@ -79,7 +80,7 @@ def load_inputs(ctx: "StageContext"):
     wd = Path(ctx.workdir)
     files = [_model_file(wd), wd / "inputs" / "history.zip", wd / "inputs" / "data.npz"]
     return _inputs_cached(str(wd.resolve()), ctx.config.dataset, ctx.config.seed,
-                          tuple(_stamp(f) for f in files))
+                          tuple(_stamp(f) for f in files), ctx.config.val_fraction)
 
 
 def _analysis(ctx: "StageContext"):

@@ -47,7 +47,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed: int = 0,
                     lr: float | None = None, batch_size: int = 64, optimizer: str = "adam",
                     weight_decay: float = 0.0, width: float = 1.0, lr_schedule: str = "constant",
-                    max_train: int | None = None) -> dict:
+                    max_train: int | None = None, val_fraction: float | None = None) -> dict:
     """Train ``arch`` on ``dataset`` (an embedded name, or ready ``Splits``) and write the files
     listed in the module docstring. Seeded: the same arguments give bit-identical checkpoints
     (on the same machine and thread count).
@@ -56,7 +56,9 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
     "val_accuracy", "train_accuracy", "seconds", "model_pt2", "model_onnx", "history_zip",
     "history_dir", "data_npz", "checkpoints"} (paths as ``Path``).
 
-    ``width`` scales the paper architectures (``PAPER_ARCHS``); ``max_train`` keeps the first
+    ``val_fraction`` splits an embedded dataset as the job's config will (``load_embedded``);
+    a job must use the same seed and val_fraction, or its val and test would overlap the
+    subject's training images. ``width`` scales the paper architectures (``PAPER_ARCHS``); ``max_train`` keeps the first
     that many training images (the splits are shuffled and stratified, so a prefix is a fair
     sample), for CPU runs that cannot afford the whole set.
     """
@@ -72,7 +74,8 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
     out_dir = Path(out_dir)
     hist_dir = out_dir / "history"
     hist_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_embedded(dataset, seed=seed) if isinstance(dataset, str) else dataset
+    splits = (load_embedded(dataset, seed=seed, val_fraction=val_fraction)
+              if isinstance(dataset, str) else dataset)
     if max_train is not None and max_train < len(splits.y_train):
         splits = dataclasses.replace(splits, x_train=splits.x_train[:max_train].clone(),
                                      y_train=splits.y_train[:max_train].clone())
@@ -92,6 +95,7 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
     x, y = splits.x_train, splits.y_train
     meta = {"arch": arch, "dataset": splits.name, "in_shape": list(in_shape),
             "num_classes": splits.num_classes, "seed": seed,
+            **({"val_fraction": val_fraction} if val_fraction is not None else {}),
             **({"width": width} if arch in PAPER_ARCHS else {})}
 
     from safetensors.torch import save_file
@@ -159,11 +163,13 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--val-fraction", type=float, default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     r = train_reference(a.arch, a.dataset, a.epochs, a.out, seed=a.seed, lr=a.lr,
                         batch_size=a.batch_size, optimizer=a.optimizer, width=a.width,
-                        lr_schedule=a.lr_schedule, max_train=a.max_train)
+                        lr_schedule=a.lr_schedule, max_train=a.max_train,
+                        val_fraction=a.val_fraction)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
                       if k != "checkpoints"}, indent=2))
 
