@@ -1,5 +1,6 @@
 # make demo   install, train a reference subject, run it through `dare serve` over REST
-# make test   the whole test suite (PostgreSQL and Redis must be running: see .ci/run)
+# make test   the whole test suite; brings what it needs first (.ci/prepare: Debian packages,
+#             PostgreSQL and Redis started when they are not running)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PORT   ?= 8000
 DEMO   ?= demo-out
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test serve
+.PHONY: install demo test serve prepare
 
 install: $(VENV)/.installed
 
@@ -23,8 +24,11 @@ $(DEMO)/subject/model.onnx: | install
 demo: install $(DEMO)/subject/model.onnx
 	$(PY) -m service.demo --subject $(DEMO)/subject --out $(DEMO) --port $(PORT)
 
+prepare:
+	bash .ci/prepare
+
 # pytest's exit code 5 (no test collected) is a failure here, not a pass.
-test: install
+test: prepare install
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 

@@ -429,7 +429,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--history", required=True, type=Path, help=".zip of per-epoch checkpoints")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help=".npz with x_train, y_train, x_val, y_val, x_test, y_test")
-    src.add_argument("--dataset", help="an embedded dataset instead: digits or mnist5k")
+    src.add_argument("--dataset", help="an embedded dataset instead: digits, mnist5k or fashion")
     p.add_argument("--config", default=None, help="JSON object, or @file.json")
     p.add_argument("--idempotency-key", default=None,
                    help="resubmitting with the same key returns the same job instead of a new one")

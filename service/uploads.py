@@ -177,7 +177,7 @@ _FORMAT_HINT = {
     "model": "export the classifier with torch.onnx.export (opset <= 17) or torch.export.save (.pt2)",
     "history": "zip the per-epoch checkpoints (.safetensors, .pt state dicts, .pt2 or .onnx)",
     "data": "save the splits with numpy.savez(x_train=..., y_train=..., x_val=..., y_val=..., "
-            "x_test=..., y_test=...), or send the form field dataset=digits|mnist5k instead",
+            "x_test=..., y_test=...), or send the form field dataset=digits|mnist5k|fashion instead",
 }
 
 

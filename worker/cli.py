@@ -15,17 +15,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--history", required=True, type=Path, help="zip of per-epoch checkpoints")
     src = h.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help=".npz with x_train, y_train, x_val, y_val, x_test, y_test")
-    src.add_argument("--dataset", help="embedded dataset: digits or mnist5k")
+    src.add_argument("--dataset", help="embedded dataset: digits, mnist5k or fashion")
     h.add_argument("--out", required=True, type=Path, help="directory for the artifacts")
     h.add_argument("--config", default=None, help="JSON config (a string, or @file.json)")
     h.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     h.set_defaults(func=harden_cmd)
 
     t = sub.add_parser("train-reference", help="train a reference subject with per-epoch checkpoints")
-    t.add_argument("--arch", default="lenet", choices=["mlp", "lenet", "vgg", "resnet"])
-    t.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    t.add_argument("--arch", default="lenet",
+                   choices=["mlp", "lenet", "vgg", "resnet", "vgg16", "vgg19", "alexnet", "resnet18"],
+                   help="small reference nets, or the paper's VGG16/VGG19/AlexNet and ResNet-18")
+    t.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "fashion"])
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--width", type=float, default=1.0,
+                   help="channel multiplier of vgg16/vgg19/alexnet/resnet18 (1 = full width)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    t.add_argument("--max-train", type=int, default=None,
+                   help="train on the first N training images only (CPU runs)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the non-test data used as validation (0.5: the paper's split); "
+                        "jobs on this subject must set the same val_fraction")
     t.add_argument("--out", required=True, type=Path)
     t.set_defaults(func=train_reference_cmd)
 
@@ -115,7 +125,9 @@ def harden_cmd(args: argparse.Namespace) -> int:
 def train_reference_cmd(args: argparse.Namespace) -> int:
     from .engine.reference.train import train_reference
 
-    info = train_reference(args.arch, args.dataset, args.epochs, args.out, seed=args.seed)
+    info = train_reference(args.arch, args.dataset, args.epochs, args.out, seed=args.seed,
+                           width=args.width, lr_schedule=args.lr_schedule, max_train=args.max_train,
+                           val_fraction=args.val_fraction)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2,
                      default=str))
     return 0

@@ -38,7 +38,7 @@ _UPLOAD_BODY = {
                     "data": {"type": "string", "format": "binary",
                              "description": ".npz with x_train, y_train, x_val, y_val, x_test, "
                                             "y_test (NCHW, float in [0,1] or uint8)"},
-                    "dataset": {"type": "string", "enum": ["digits", "mnist5k"],
+                    "dataset": {"type": "string", "enum": ["digits", "mnist5k", "fashion"],
                                 "description": "an embedded dataset instead of data"},
                     "config": {"type": "string",
                                "description": "JSON object; see the README's config table",

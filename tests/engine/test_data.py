@@ -157,3 +157,32 @@ def test_data_against_model(splits, words):
 
 def test_matching_data_passes():
     check_data_against_model(_splits(), (1, 8, 8), 10)
+
+
+def test_val_fraction_gives_the_papers_split_and_reaches_the_jobs_data(tmp_path):
+    s = load_embedded("digits", seed=0, val_fraction=0.5)  # the paper: train data halved
+    n = [len(s.y_train), len(s.y_val), len(s.y_test)]
+    assert sum(n) == 1797 and abs(n[0] - n[1]) <= 10 and abs(n[2] - 0.2 * 1797) < 10
+    default = load_embedded("digits", seed=0)
+    # the test split holds the same images (in another order: the final shuffle draws after
+    # the other parts')
+    def rows(x):
+        return sorted(map(bytes, x.flatten(1).mul(16).round().to(torch.uint8).numpy()))
+
+    assert rows(default.x_test) == rows(s.x_test)
+    # the job's config reaches the stages' data
+    from worker.engine.config import parse_config
+    from worker.engine.stages import StageContext, load_inputs
+    from worker.engine.reference.train import train_reference
+
+    r = train_reference("mlp", "digits", 1, tmp_path / "subj", val_fraction=0.5)
+    wd = tmp_path / "job"
+    (wd / "inputs").mkdir(parents=True)
+    for f in ("model.pt2", "history.zip"):
+        (wd / "inputs" / f).write_bytes((tmp_path / "subj" / f).read_bytes())
+    _, _, splits = load_inputs(StageContext(wd, parse_config({"dataset": "digits",
+                                                                 "val_fraction": 0.5})))
+    assert len(splits.y_val) == len(s.y_val) and torch.equal(splits.y_train, s.y_train)
+    assert r["val_accuracy"] >= 0
+    with pytest.raises(Exception, match="val_fraction"):
+        parse_config({"val_fraction": 1.0})

@@ -59,18 +59,38 @@ def test_fc1_masks_match_a_direct_evaluation_of_formula_2(sliced):
         assert torch.equal(res.key_units[c], top_fraction(contrib2, 0.95).any(0) | res.masks["fc1.bias"][c])
 
 
-def test_top_fraction_keeps_q_of_the_nonzero_synapses():
+def test_top_fraction_freezes_exactly_the_bottom_of_all_synapses():
     torch.manual_seed(0)
     v = torch.randn(50, 40)
-    v[v.abs() < 0.5] = 0
-    nz = int((v != 0).sum())
+    v[v.abs() < 0.5] = 0  # many exact ties at zero, as in the last layers
+    n = v.numel()
     for q in (0.5, 0.9, 0.95, 1.0):
         m = top_fraction(v, q)
-        assert int(m.sum()) == math.ceil(q * nz)
-        rest = v[(v != 0) & ~m]
-        if rest.numel():
-            assert v[m].min() >= rest.max()  # the largest ones
-    assert not top_fraction(torch.zeros(3, 3), 0.9).any()
+        assert int((~m).sum()) == round((1 - q) * n)  # over all synapses, zero ones included
+        if (~m).any():
+            assert v[~m].max() <= v[m].min()  # the smallest ones are frozen
+    # ties are broken by position: of equal values the lowest flat indices are frozen first
+    flat = torch.zeros(10)
+    assert top_fraction(flat, 0.7).tolist() == [False] * 3 + [True] * 7
+    assert torch.equal(top_fraction(v, 0.95), top_fraction(v.clone(), 0.95))
+
+
+def test_frozen_share_is_one_minus_q_per_class_and_layer(sliced):
+    info, prof, res = sliced
+    share = res.stats["frozen_share"]
+    state = info.gm.state_dict()
+    weight_of = {L.node: L.weight_key for L in info.layers}
+    assert set(share["per_layer"]) == set(res.stats["layers_in_mt"])
+    for node, frozen in share["per_layer"].items():
+        # conv synapses are (out, in) pairs whose kernels move together, so the weight share is
+        # the synapse share: exactly round(5 %) of the layer's synapses, for every class
+        w = state[weight_of[node]]
+        n = w.shape[0] * w.shape[1]
+        assert frozen == pytest.approx(round(0.05 * n) / n, abs=1e-6), node
+        per_class = (~res.masks[weight_of[node]]).flatten(1).sum(1) // (w[0, 0].numel())
+        assert per_class.tolist() == [round(0.05 * n)] * 10
+    assert 0.03 < share["overall"] <= 0.05
+    assert share["by_every_class"] <= share["overall"]
 
 
 def test_smaller_q_keeps_fewer_synapses(sliced):

@@ -41,6 +41,9 @@ def test_cli_harden_writes_every_artifact_of_the_contract(subject, tmp_path, cap
     assert set(report["attacks"]) == {"fgsm", "pgd", "jsma"}
     assert report["clean_accuracy"]["within_budget"] is True
     assert report["mining"]["mined"] > 0 and 0 < report["slicing"]["key_synapse_fraction"] < 1
+    per_class = report["mining"]["mined_per_class"]
+    assert len(per_class) == 10 and sum(per_class) == report["mining"]["mined"]
+    assert report["slicing"]["frozen_share"]["overall"] == pytest.approx(0.05, abs=0.02)
     assert {"slice", "mine", "tune", "evaluate"} <= set(report["timings_s"])
     # the hardened ONNX runs in onnxruntime and is not the original
     x = torch.rand(4, 1, 8, 8).numpy()
@@ -81,7 +84,9 @@ def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
     report = json.loads((wd / "artifacts" / "report.json").read_text())
     comp = report["comparison"]
     assert {"dare", "dare_adv", "at_fgsm", "at_pgd_online", "dare_s", "dare_sl", "dare_rand",
-            "finetune_mined"} <= set(comp["methods"])
+            "finetune_mined", "weight_noise"} <= set(comp["methods"])
     assert report["method"] == comp["recommended"]
-    best = max(m["mean_adaptive_accuracy"] for m in comp["methods"].values() if m["within_budget"])
+    assert comp["recommended"] not in ("finetune_mined", "weight_noise")  # controls, not methods
+    best = max(m["mean_adaptive_accuracy"] for k, m in comp["methods"].items()
+               if m["within_budget"] and k not in ("finetune_mined", "weight_noise"))
     assert comp["methods"][comp["recommended"]]["mean_adaptive_accuracy"] == best

@@ -9,10 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-EMBEDDED = ("digits", "mnist5k")  # datasets shipped inside installed packages
+EMBEDDED = ("digits", "mnist5k", "fashion")  # datasets shipped in installed (Python or Debian) packages
 ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
 AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
-ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined")
+ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
 METHODS = ("dare", "dare_adv") + AT_METHODS + ("auto",)
 
 
@@ -68,6 +68,10 @@ class HardenConfig(_Strict):
                     "at_pgd_online", "auto"] = "dare"
     compare: bool = False
     dataset: str | None = Field(None, description="embedded dataset name instead of an uploaded .npz")
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="embedded datasets: the share of the non-test data used as "
+        "validation (DARE mines it; baselines select on it); null: the dataset's default "
+        "(digits, mnist5k 0.25, i.e. 60/20/20; fashion 0.5, the paper's 50/50)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tune: TuneConfig = Field(default_factory=TuneConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)

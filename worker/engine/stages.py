@@ -58,7 +58,8 @@ def _stamp(p: Path) -> float:
 
 
 @lru_cache(maxsize=2)
-def _inputs_cached(workdir: str, dataset: str | None, seed: int, stamp: tuple):
+def _inputs_cached(workdir: str, dataset: str | None, seed: int, stamp: tuple,
+                   val_fraction: float | None = None):
     from .data import check_data_against_model, load_data
     from .graph import plain_graph_module
     from .history import load_history
@@ -69,7 +70,7 @@ def _inputs_cached(workdir: str, dataset: str | None, seed: int, stamp: tuple):
     model.gm = plain_graph_module(model.gm)
     history = load_history(wd / "inputs" / "history.zip", model)
     npz = wd / "inputs" / "data.npz"
-    splits = load_data(npz if npz.exists() else None, dataset, seed=seed)
+    splits = load_data(npz if npz.exists() else None, dataset, seed=seed, val_fraction=val_fraction)
     check_data_against_model(splits, model.input_shape, model.num_outputs)
     return model, history, splits
 
@@ -79,7 +80,7 @@ def load_inputs(ctx: "StageContext"):
     wd = Path(ctx.workdir)
     files = [_model_file(wd), wd / "inputs" / "history.zip", wd / "inputs" / "data.npz"]
     return _inputs_cached(str(wd.resolve()), ctx.config.dataset, ctx.config.seed,
-                          tuple(_stamp(f) for f in files))
+                          tuple(_stamp(f) for f in files), ctx.config.val_fraction)
 
 
 def _analysis(ctx: "StageContext"):
@@ -156,7 +157,8 @@ def _slice(ctx: "StageContext") -> dict:
     return {"q": res.q, "key_synapse_fraction": res.stats["key_synapse_fraction"],
             "nonzero_synapse_fraction": res.stats["nonzero_synapse_fraction"],
             "cut_node": res.cut_node, "layers_in_mt": res.stats["layers_in_mt"],
-            "key_units_per_class": res.stats["key_units_per_class"]}
+            "key_units_per_class": res.stats["key_units_per_class"],
+            "frozen_share": res.stats["frozen_share"]}
 
 
 def _mine(ctx: "StageContext", mode: str = "best"):
@@ -175,7 +177,10 @@ def _mine(ctx: "StageContext", mode: str = "best"):
 def _mine_stage(ctx: "StageContext") -> dict:
     mined = _mine(ctx)
     _save_pt(mined.to_state(), ctx.path("state", "mined.pt"))
+    classes = int(mined.tutor_logits.shape[1]) if mined.tutor_logits.dim() == 2 else 0
     return {"candidates": mined.candidates, "mined": len(mined.y), "window": mined.window,
+            # how many samples got a tutor, per class: a class with few has little to tune on
+            "mined_per_class": torch.bincount(mined.y, minlength=classes).tolist(),
             "tutors": {mined.window[i]: int(n) for i, n in
                        enumerate(torch.bincount(mined.tutor, minlength=len(mined.window)))}}
 
@@ -237,7 +242,9 @@ def _tune(ctx: "StageContext") -> dict:
 
 
 COMPARED = ("dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma", "at_pgd_online",
-            "dare_s", "dare_sl", "dare_rand", "finetune_mined")
+            "dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
+# Controls are measured beside the methods but never recommended: they are not hardening.
+CONTROLS = ("finetune_mined", "weight_noise")
 
 
 def _compare(ctx: "StageContext") -> dict:
@@ -261,6 +268,11 @@ def _compare(ctx: "StageContext") -> dict:
         if method == tuned_method:
             models[method] = _load_into(model.gm, ctx.path("state", "tuned.safetensors"))
             info = {"reused": "tune stage", **stage_done(ctx.workdir, "tune")["summary"]}
+        elif method == "weight_noise":
+            from .controls import weight_noise_like
+
+            models[method], info = weight_noise_like(model.gm, models["dare"],
+                                                     seed=ctx.config.seed, of="dare")
         else:
             models[method], info = harden(ctx, method,
                                           progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
@@ -276,6 +288,11 @@ def _compare(ctx: "StageContext") -> dict:
                   reuse_sanity=json.loads(cache.read_text()) if cache.exists() else None)
     cache.write_text(json.dumps(ev.pop("sanity")))
     comp = build_comparison(ev, ctx.config.clean_drop_limit)
+    if comp["recommended"] in CONTROLS:
+        from .report import recommend
+
+        comp["recommended"] = recommend({k: v for k, v in comp["methods"].items()
+                                         if k not in CONTROLS}, ctx.config.clean_drop_limit)
     recommended = comp["recommended"] or tuned_method
     chosen = recommended if ctx.config.method == "auto" else tuned_method
     (ctx.path("state", "evaluation.json")).write_text(json.dumps(ev))
@@ -332,8 +349,9 @@ def _evaluate(ctx: "StageContext") -> dict:
         evaluation=ev, chosen=method, clean_drop_limit=ctx.config.clean_drop_limit,
         slicing={"q": sl["q"], "key_synapse_fraction": sl["key_synapse_fraction"],
                  "nonzero_synapse_fraction": sl["nonzero_synapse_fraction"],
-                 "layers_in_mt": sl["layers_in_mt"]},
-        mining={"candidates": mi["candidates"], "mined": mi["mined"], "window": mi["window"]},
+                 "layers_in_mt": sl["layers_in_mt"], "frozen_share": sl.get("frozen_share")},
+        mining={"candidates": mi["candidates"], "mined": mi["mined"], "window": mi["window"],
+                "mined_per_class": mi.get("mined_per_class")},
         comparison=comparison)
     write_report(report, ctx.path("artifacts"))
     ca = report["clean_accuracy"]

@@ -10,11 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-ARCHS = ("mlp", "lenet", "vgg", "resnet")
+ARCHS = ("mlp", "lenet", "vgg", "resnet")  # small: seconds on a CPU, what the tests train
+# The paper's architectures (section 4.1: VGG16, VGG19, AlexNet) and ResNet-18, as the usual
+# small-image (CIFAR) variants; ``width`` scales every channel and hidden count (1.0 = full).
+PAPER_ARCHS = ("vgg16", "vgg19", "alexnet", "resnet18")
+ALL_ARCHS = ARCHS + PAPER_ARCHS
 
 
-def build(arch: str, in_shape, num_classes: int) -> nn.Module:
-    """A fresh (randomly initialised, seed it first) model for inputs (N, *in_shape)."""
+def build(arch: str, in_shape, num_classes: int, width: float = 1.0) -> nn.Module:
+    """A fresh (randomly initialised, seed it first) model for inputs (N, *in_shape).
+    ``width`` applies to the paper architectures only."""
     in_shape = tuple(int(d) for d in in_shape)
     if len(in_shape) != 3:
         raise ValueError(f"in_shape must be (C, H, W), got {in_shape}")
@@ -28,12 +33,29 @@ def build(arch: str, in_shape, num_classes: int) -> nn.Module:
         return VGG(in_shape, num_classes)
     if arch == "resnet":
         return ResNet(in_shape, num_classes)
-    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if not 0 < width <= 4:
+        raise ValueError(f"width must be in (0, 4], got {width}")
+    if arch in VGG_CFGS:
+        return VGGDeep(in_shape, num_classes, VGG_CFGS[arch], width)
+    if arch == "alexnet":
+        return AlexNet(in_shape, num_classes, width)
+    if arch == "resnet18":
+        return ResNet18(in_shape, num_classes, width)
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ALL_ARCHS)}")
+
+
+def _scaled(n: int, width: float) -> int:
+    return max(4, int(round(n * width)))
 
 
 def _flat_size(features: nn.Module, in_shape) -> int:
-    with torch.no_grad():
-        return int(features(torch.zeros(1, *in_shape)).numel())
+    was_training = features.training
+    features.eval()  # BatchNorm refuses a batch of one 1x1 map in training mode
+    try:
+        with torch.no_grad():
+            return int(features(torch.zeros(1, *in_shape)).numel())
+    finally:
+        features.train(was_training)
 
 
 class MLP(nn.Module):
@@ -157,4 +179,93 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer2(self.layer1(x))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+# VGG configurations D (16 weight layers) and E (19) of Simonyan & Zisserman, "M" a 2x2 max-pool.
+VGG_CFGS = {
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"),
+}
+
+
+class VGGDeep(nn.Module):
+    """VGG16/19 as adapted to 32x32 images (the common CIFAR variant): 3x3 conv-BN-ReLU stacks,
+    five max-pools, one Linear on the flattened features. On 28x28 input the fifth pool would
+    meet a 1x1 map; a pool that would shrink the map below 1x1 is left out."""
+
+    def __init__(self, in_shape, num_classes: int, cfg, width: float = 1.0) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for v in cfg:
+            if v == "M":
+                if min(h, w) >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    h, w = h // 2, w // 2
+                continue
+            out = _scaled(v, width)
+            layers += _conv_bn_relu(c, out)
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(_flat_size(self.features, in_shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.features(x)))
+
+
+class AlexNet(nn.Module):
+    """AlexNet for small images (the usual CIFAR adaptation): five 3x3 conv layers
+    (64-192-384-256-256) with ReLU and three max-pools, then dropout -> 4096 -> 4096 -> K; no
+    BatchNorm, as in the original."""
+
+    def __init__(self, in_shape, num_classes: int, width: float = 1.0, dropout: float = 0.5) -> None:
+        super().__init__()
+        c = in_shape[0]
+        a, b, d, e, f = (_scaled(n, width) for n in (64, 192, 384, 256, 256))
+        self.features = nn.Sequential(
+            nn.Conv2d(c, a, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(b, d, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(d, e, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(e, f, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        hidden = _scaled(4096, width)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout), nn.Linear(_flat_size(self.features, in_shape), hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (He et al.'s basic blocks, [2, 2, 2, 2], widths 64-512, the
+    CIFAR stem: one 3x3 conv, no max-pool), global average pooling, Linear -> K."""
+
+    def __init__(self, in_shape, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        widths = [_scaled(n, width) for n in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(in_shape[0], widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            blocks += [BasicBlock(cin, w, stride), BasicBlock(w, w, 1)]
+            cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
         return self.fc(self.flatten(self.pool(x)))

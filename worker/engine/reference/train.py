@@ -15,6 +15,7 @@ Run as ``python -m worker.engine.reference.train --arch lenet --dataset digits -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import zipfile
@@ -26,9 +27,12 @@ import torch.nn.functional as F
 
 from ..data import Splits, load_embedded, save_npz
 from ..export import export_onnx, export_pt2
-from .models import ARCHS, build
+from .models import ALL_ARCHS, PAPER_ARCHS, build
 
 DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
+# "cosine" decays the learning rate to 0 over the run (per epoch), so the history the paper mines
+# spans a real training: early, still-improving checkpoints and settled late ones.
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
@@ -42,7 +46,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed: int = 0,
                     lr: float | None = None, batch_size: int = 64, optimizer: str = "adam",
-                    weight_decay: float = 0.0) -> dict:
+                    weight_decay: float = 0.0, width: float = 1.0, lr_schedule: str = "constant",
+                    max_train: int | None = None, val_fraction: float | None = None) -> dict:
     """Train ``arch`` on ``dataset`` (an embedded name, or ready ``Splits``) and write the files
     listed in the module docstring. Seeded: the same arguments give bit-identical checkpoints
     (on the same machine and thread count).
@@ -50,9 +55,17 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
     Returns {"arch", "dataset", "in_shape", "num_classes", "epochs", "seed", "test_accuracy",
     "val_accuracy", "train_accuracy", "seconds", "model_pt2", "model_onnx", "history_zip",
     "history_dir", "data_npz", "checkpoints"} (paths as ``Path``).
+
+    ``val_fraction`` splits an embedded dataset as the job's config will (``load_embedded``);
+    a job must use the same seed and val_fraction, or its val and test would overlap the
+    subject's training images. ``width`` scales the paper architectures (``PAPER_ARCHS``); ``max_train`` keeps the first
+    that many training images (the splits are shuffled and stratified, so a prefix is a fair
+    sample), for CPU runs that cannot afford the whole set.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ALL_ARCHS)}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if optimizer not in DEFAULT_LR:
@@ -61,20 +74,29 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
     out_dir = Path(out_dir)
     hist_dir = out_dir / "history"
     hist_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_embedded(dataset, seed=seed) if isinstance(dataset, str) else dataset
+    splits = (load_embedded(dataset, seed=seed, val_fraction=val_fraction)
+              if isinstance(dataset, str) else dataset)
+    if max_train is not None and max_train < len(splits.y_train):
+        splits = dataclasses.replace(splits, x_train=splits.x_train[:max_train].clone(),
+                                     y_train=splits.y_train[:max_train].clone())
     in_shape = tuple(int(d) for d in splits.x_train.shape[1:])
 
     torch.manual_seed(seed)
-    model = build(arch, in_shape, splits.num_classes)
+    model = build(arch, in_shape, splits.num_classes,
+                  **({"width": width} if arch in PAPER_ARCHS else {}))
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+             if lr_schedule == "cosine" else None)
     gen = torch.Generator().manual_seed(seed)
     x, y = splits.x_train, splits.y_train
     meta = {"arch": arch, "dataset": splits.name, "in_shape": list(in_shape),
-            "num_classes": splits.num_classes, "seed": seed}
+            "num_classes": splits.num_classes, "seed": seed,
+            **({"val_fraction": val_fraction} if val_fraction is not None else {}),
+            **({"width": width} if arch in PAPER_ARCHS else {})}
 
     from safetensors.torch import save_file
 
@@ -89,6 +111,8 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+        if sched is not None:
+            sched.step()
         name = f"epoch_{epoch}.safetensors"
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
                   str(hist_dir / name),
@@ -128,7 +152,7 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", choices=ARCHS, default="lenet")
+    ap.add_argument("--arch", choices=ALL_ARCHS, default="lenet")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--out", required=True)
@@ -136,10 +160,16 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="adam")
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--val-fraction", type=float, default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     r = train_reference(a.arch, a.dataset, a.epochs, a.out, seed=a.seed, lr=a.lr,
-                        batch_size=a.batch_size, optimizer=a.optimizer)
+                        batch_size=a.batch_size, optimizer=a.optimizer, width=a.width,
+                        lr_schedule=a.lr_schedule, max_train=a.max_train,
+                        val_fraction=a.val_fraction)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
                       if k != "checkpoints"}, indent=2))
 
