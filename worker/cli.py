@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--val-fraction", type=float, default=None,
                    help="share of the non-test data used as validation (0.5: the paper's split); "
                         "jobs on this subject must set the same val_fraction")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     t.add_argument("--out", required=True, type=Path)
     t.set_defaults(func=train_reference_cmd)
 
@@ -127,7 +128,7 @@ def train_reference_cmd(args: argparse.Namespace) -> int:
 
     info = train_reference(args.arch, args.dataset, args.epochs, args.out, seed=args.seed,
                            width=args.width, lr_schedule=args.lr_schedule, max_train=args.max_train,
-                           val_fraction=args.val_fraction)
+                           val_fraction=args.val_fraction, device=args.device)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2,
                      default=str))
     return 0

@@ -37,17 +37,20 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     model.eval()
+    dev = next(model.parameters()).device
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            out = model(x[i:i + batch_size].to(dev)).argmax(1).cpu()
+            correct += int((out == y[i:i + batch_size]).sum())
     return correct / max(1, len(x))
 
 
 def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed: int = 0,
                     lr: float | None = None, batch_size: int = 64, optimizer: str = "adam",
                     weight_decay: float = 0.0, width: float = 1.0, lr_schedule: str = "constant",
-                    max_train: int | None = None, val_fraction: float | None = None) -> dict:
+                    max_train: int | None = None, val_fraction: float | None = None,
+                    device: str = "cpu") -> dict:
     """Train ``arch`` on ``dataset`` (an embedded name, or ready ``Splits``) and write the files
     listed in the module docstring. Seeded: the same arguments give bit-identical checkpoints
     (on the same machine and thread count).
@@ -83,7 +86,7 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
 
     torch.manual_seed(seed)
     model = build(arch, in_shape, splits.num_classes,
-                  **({"width": width} if arch in PAPER_ARCHS else {}))
+                  **({"width": width} if arch in PAPER_ARCHS else {})).to(device)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -109,17 +112,20 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
             if len(idx) < 2 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
                 continue  # BatchNorm cannot train on a batch of one
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            F.cross_entropy(model(x[idx].to(device)), y[idx].to(device)).backward()
             opt.step()
         if sched is not None:
             sched.step()
         name = f"epoch_{epoch}.safetensors"
-        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
                   str(hist_dir / name),
                   metadata={k: json.dumps(v) for k, v in {**meta, "epoch": epoch}.items()})
         checkpoints.append({"file": name, "epoch": epoch})
 
     model.eval()
+    accs = {f"{s}_accuracy": accuracy(model, getattr(splits, f"x_{s}"), getattr(splits, f"y_{s}"))
+            for s in ("test", "val", "train")}
+    model.cpu()  # exported on the CPU
     example = splits.x_test[:2].clone()
     pt2 = out_dir / "model.pt2"
     export_pt2(model, example, pt2)
@@ -137,9 +143,7 @@ def train_reference(arch: str, dataset: str | Splits, epochs: int, out_dir, seed
         **meta,
         "in_shape": in_shape,
         "epochs": epochs,
-        "test_accuracy": accuracy(model, splits.x_test, splits.y_test),
-        "val_accuracy": accuracy(model, splits.x_val, splits.y_val),
-        "train_accuracy": accuracy(model, splits.x_train, splits.y_train),
+        **accs,
         "seconds": time.perf_counter() - t0,
         "model_pt2": pt2,
         "model_onnx": onnx_path,
@@ -164,12 +168,13 @@ def main(argv=None) -> None:
     ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--val-fraction", type=float, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training only)")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     r = train_reference(a.arch, a.dataset, a.epochs, a.out, seed=a.seed, lr=a.lr,
                         batch_size=a.batch_size, optimizer=a.optimizer, width=a.width,
                         lr_schedule=a.lr_schedule, max_train=a.max_train,
-                        val_fraction=a.val_fraction)
+                        val_fraction=a.val_fraction, device=a.device)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()
                       if k != "checkpoints"}, indent=2))
 
