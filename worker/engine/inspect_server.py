@@ -14,6 +14,7 @@ Protocol (one JSON object per line):
 - server -> API at start-up: ``{"ready": true, "sandbox": {...}}``: what a trial child achieved.
 - API -> server: ``{"id", "dir", "config", "dataset", "timeout_s", "cpu_s", "memory_bytes",
   "max_write_bytes", "max_uncompressed_bytes", "max_zip_ratio", "hide": [...]}``.
+- API -> server: ``{"kill": id}``: the API gave up on that inspection; its child is killed.
 - server -> API: ``{"id", "out": <the last 64 KiB the child wrote>, "status": <exit status, or
   minus the signal>, "timed_out": bool}``; the API reads the child's result from ``out``.
 
@@ -164,8 +165,15 @@ class Server:
         self.inbuf += chunk
         while b"\n" in self.inbuf:
             line, self.inbuf = self.inbuf.split(b"\n", 1)
-            if line.strip():
-                self.start(json.loads(line))
+            if not line.strip():
+                continue
+            req = json.loads(line)
+            if "kill" in req:  # nobody waits for that one any more
+                for c in list(self.children.values()):
+                    if c.rid == req["kill"]:
+                        self.report(c, self.kill(c))
+            else:
+                self.start(req)
         return True
 
     def tick(self) -> None:
