@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -52,7 +53,8 @@ def inspect(workdir: Path, config_json: str, dataset: str | None = None) -> dict
                      "test": len(splits.x_test), "name": splits.name}}
 
 
-def run(workdir: Path, config_json: str, dataset: str | None = None, target=None) -> dict:  # noqa: ANN001
+def run(workdir: Path, config_json: str, dataset: str | None = None,
+        target: Callable[[Path, str, str | None], dict] | None = None) -> dict:
     """``inspect`` (or ``target``, a test's stand-in) with stdout kept for the one result line;
     whatever it raises is still an answer about the input, never a crash of the caller."""
     out, sys.stdout = sys.stdout, sys.stderr  # libraries may print

@@ -29,6 +29,7 @@ import os
 import resource
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def _drop_root(libc: ctypes.CDLL, box: Sandbox) -> None:
     box.uid = os.getuid()
 
 
-def enter(staging: Path, *, hide: list[str] = (), cpu_s: int | None = None,  # type: ignore[assignment]
+def enter(staging: Path, *, hide: Sequence[str] = (), cpu_s: int | None = None,
           memory: int | None = None, max_write: int | None = None) -> Sandbox:
     """Confine this process to reading ``staging``; chdir there and return what was achieved
     (``workdir`` is the staging folder's path as this process now sees it)."""
