@@ -12,6 +12,13 @@ the client's view: POST round trip. After each measurement the job is cancelled 
 waits for the worker to be free. Prints a table.
 
     python -m bench.latency [--n 5] [--subject demo-out/subject] [--modes embedded,redis]
+
+With ``--inspect-n N`` it measures instead how long `POST /v1/jobs` takes to answer 202 with the
+submit-time inspection on (`dare api`, SQLite, no worker), N sequential digits subjects, through
+the one-shot inspector child (a torch import per POST, the path before issue 9) and through the
+fork server; prints median, p90 and max:
+
+    python -m bench.latency --inspect-n 20 [--subject demo-out/subject]
 """
 from __future__ import annotations
 
@@ -142,13 +149,75 @@ def run_redis(subject: Path, n: int, scratch: Path) -> list[tuple[float, float]]
         admin.dispose()
 
 
+# --- submit latency with the submit-time inspection on (issue 9, item 2) ----------------------
+
+def _submit_times(base: str, subject: Path, n: int) -> list[float]:
+    """n sequential POSTs of the subject (model, history, dataset=digits); seconds to the 202."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with (subject / "model.onnx").open("rb") as m, (subject / "history.zip").open("rb") as h:
+            r = httpx.post(f"{base}/v1/jobs", files={"model": ("model.onnx", m),
+                                                     "history": ("history.zip", h)},
+                           data={"dataset": "digits"}, timeout=600)
+        out.append(time.perf_counter() - t0)
+        assert r.status_code == 202, r.text
+    return out
+
+
+def run_inspected_api(subject: Path, n: int, scratch: Path, fork_server: bool) -> list[float]:
+    """`dare api` alone (SQLite, no worker: the jobs just queue) with inspection on, through the
+    fork server or the one-shot child (a fresh python per POST, the path before issue 9). One
+    untimed POST first: it waits for the fork server's torch import."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DARE_AUTH": "open",
+           "DARE_HOME": str(scratch / "var"), "DARE_SUBMIT_INSPECTION": "subprocess",
+           "DARE_INSPECTION_FORK_SERVER": "true" if fork_server else "false",
+           "DARE_MAX_ACTIVE_JOBS_PER_TENANT": str(n + 10), "DARE_RECONCILE_INTERVAL_S": "0"}
+    subprocess.run([*DARE, "db", "upgrade"], env=env, check=True, capture_output=True)
+    port = free_port()
+    log = (scratch / "api.log").open("wb")
+    api = subprocess.Popen([*DARE, "api", "--port", str(port)], env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, [api])
+        _submit_times(base, subject, 1)
+        return _submit_times(base, subject, n)
+    finally:
+        api.terminate()
+        api.wait(40)
+        log.close()
+
+
+def inspection_section(subject: Path, n: int) -> None:
+    rows = []
+    for name, fork_server in (("one-shot child (before)", False), ("fork server (after)", True)):
+        scratch = Path(tempfile.mkdtemp(prefix="dare-bench-inspect-"))
+        try:
+            times = sorted(t * 1000 for t in run_inspected_api(subject, n, scratch, fork_server))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        rows.append((name, len(times), statistics.median(times),
+                     times[max(0, int(round(0.9 * len(times))) - 1)], times[-1]))
+    print(f"\nPOST /v1/jobs -> 202 with the submit-time inspection on, digits subject, sequential "
+          f"({os.cpu_count()} CPUs)")
+    print(f"{'inspector':<26}{'n':>4}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}")
+    for name, k, med, p90, mx in rows:
+        print(f"{name:<26}{k:>4}{med:>11.0f}{p90:>9.0f}{mx:>9.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--subject", type=Path, default=Path("demo-out/subject"))
     ap.add_argument("--modes", default="embedded,redis")
+    ap.add_argument("--inspect-n", type=int, default=0,
+                    help="instead: N sequential POSTs with the inspection on, one-shot vs fork server")
     args = ap.parse_args(argv)
     subject = ensure_subject(args.subject)
+    if args.inspect_n:
+        inspection_section(subject, args.inspect_n)
+        return 0
     rows = []
     for mode in args.modes.split(","):
         scratch = Path(tempfile.mkdtemp(prefix=f"dare-bench-latency-{mode}-"))

@@ -16,6 +16,7 @@ from .deps import AppContext, get_principal
 from .dispatch import BrokerUnavailable, CeleryDispatcher, Dispatcher
 from .errors import problem_response
 from .idempotency import IdempotencyKeyReused
+from .inspector_pool import inspector_for
 from .jobs import InvalidCursor, JobFinished, JobNotFound
 from .quotas import RETRY_AFTER_S, TooManyActiveJobs
 from .routes import health, jobs
@@ -60,7 +61,11 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         if check_db_schema:
             check_schema(engine)  # refuses to serve on an old schema; the message says what to run
         background.start()
+        if app.state.inspector is not None:  # None with DARE_SUBMIT_INSPECTION=off
+            app.state.inspector.start()  # its fork server imports torch meanwhile
         yield
+        if app.state.inspector is not None:
+            app.state.inspector.stop()
         background.stop()
         engine.dispose()
 
@@ -69,6 +74,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app.state.ctx = ctx
     app.add_middleware(logs.RequestContextMiddleware)  # request_id/job_id on every log line
     app.state.background = background
+    app.state.inspector = inspector_for(settings)  # tests may swap in a stand-in before start-up
     errors.install(app)
     _install_domain_errors(app)
 

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     inspection_timeout_s: float = Field(120.0, gt=0, description="wall-clock limit of the inspector")
     inspection_memory_bytes: int = Field(8 * GiB, ge=GiB, description="RLIMIT_AS of the inspector")
     inspection_max_concurrent: int = Field(2, ge=1, description="inspector processes at once")
+    # The fast path (service.inspector_pool): children of a fork server that has torch imported.
+    inspection_fork_server: bool = Field(True, description="false: a fresh python per inspection "
+                                         "(a torch import each, ~10 s; for comparison)")
+    inspection_queue_timeout_s: float = Field(
+        10.0, gt=0, description="wait for a free inspector; past it: 503 inspector_busy")
 
     # Pipeline
     queue: str = "gpu"

@@ -20,7 +20,6 @@ from worker.engine.errors import InputError
 from . import idempotency, jobs, quotas, webhooks
 from .dispatch import BrokerUnavailable, Dispatcher
 from .db import session_scope
-from .inspection import inspect_inputs
 from .models import Job
 from .settings import Settings
 from .states import JobStatus, transition
@@ -83,10 +82,8 @@ def submit(form: ReceivedForm, *, job_id: uuid.UUID, tenant_id: uuid.UUID,
             if prior is not None:
                 return Submitted(idempotency.replay(prior, idempotency_key, digest), replayed=True)
         quotas.precheck(s, tenant_id, max_active_jobs)  # checked again below, under the lock
+    # The deep checks (service.inspection) ran before this, awaited by the route.
     config, model_format = validate_form(form, settings)
-    if settings is not None and settings.submit_inspection == "subprocess":
-        # Deep checks (torch, hostile files) in a limited child, before anything is stored.
-        inspect_inputs(form.staging, config.model_dump_json(), settings)
     names = stage_names(config)
     stored: list[jobs.StoredInput] = []
     try:

@@ -13,6 +13,7 @@ from .. import jobs
 from ..deps import CtxDep, JobDep, PrincipalDep, SessionDep
 from ..errors import ProblemError, problem_responses
 from ..idempotency import KEY_PATTERN
+from ..inspection import inspect_submission
 from ..schemas import ArtifactRead, EventList, JobList, JobRead
 from ..states import JobStatus
 from ..submission import submit
@@ -79,6 +80,9 @@ async def create_job(
     staging = ctx.settings.upload_tmp_dir / str(job_id)
     try:
         form = await receive_form(request, ctx.settings, staging)
+        # Load the files in the sandboxed inspector before anything is stored; waiting for a
+        # free inspector holds no thread (503 inspector_busy past the bounded wait).
+        await inspect_submission(request.app.state.inspector, form, ctx.settings)
         done = await run_in_threadpool(
             submit, form, job_id=job_id, tenant_id=principal.tenant_id, factory=ctx.factory,
             store=ctx.store, dispatcher=ctx.dispatcher, idempotency_key=idempotency_key,

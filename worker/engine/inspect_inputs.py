@@ -12,13 +12,18 @@ the number of outputs). Then the graph analysis the slice stage needs, and the c
 
 Prints one JSON line on stdout: ``{"ok": true, ...summary}`` or
 ``{"ok": false, "code", "message", "hint"}``; exits 0 either way (a crash is the parent's to
-report). Nothing is written: the inputs are read into memory.
+report). Nothing is written: the inputs are read into memory. The process first enters the
+sandbox of :mod:`worker.engine.inspect_sandbox` (no network, only JOBDIR visible, not root,
+resource limits). The API normally runs :func:`inspect` in a child of the fork server
+(:mod:`worker.engine.inspect_server`), which has torch imported already; this one-shot entry
+point is the slow path (a torch import per inspection) kept for comparison and debugging.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -48,17 +53,19 @@ def inspect(workdir: Path, config_json: str, dataset: str | None = None) -> dict
                      "test": len(splits.x_test), "name": splits.name}}
 
 
-def apply_limits(cpu_s: int | None, memory: int | None, max_write: int | None) -> None:
-    """Cap this process: CPU seconds, address space, the size of any file it writes; no core
-    dumps (a crash must not leave a file the size of its memory behind)."""
-    import resource
-
-    for which, value in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory),
-                         (resource.RLIMIT_FSIZE, max_write), (resource.RLIMIT_CORE, 0)):
-        if value is not None:
-            _, hard = resource.getrlimit(which)
-            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(which, (value, value))
+def run(workdir: Path, config_json: str, dataset: str | None = None,
+        target: Callable[[Path, str, str | None], dict] | None = None) -> dict:
+    """``inspect`` (or ``target``, a test's stand-in) with stdout kept for the one result line;
+    whatever it raises is still an answer about the input, never a crash of the caller."""
+    out, sys.stdout = sys.stdout, sys.stderr  # libraries may print
+    try:
+        return (target or inspect)(workdir, config_json, dataset)
+    except Exception as e:  # noqa: BLE001 - an input that breaks a loader is still bad input
+        return {"ok": False, "code": "input_unreadable",
+                "message": f"the inputs could not be loaded: {type(e).__name__}: {str(e)[:300]}",
+                "hint": "check that the files are the ones described in the README's formats"}
+    finally:
+        sys.stdout = out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,23 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-write-bytes", type=int, default=None, help="RLIMIT_FSIZE")
     ap.add_argument("--max-uncompressed-bytes", type=int, default=None, help="zip total cap")
     ap.add_argument("--max-zip-ratio", type=float, default=None, help="zip member ratio cap")
+    ap.add_argument("--hide", action="append", default=[], help="a folder to hide (repeatable)")
     args = ap.parse_args(argv)
     # Before torch is imported and before any input is opened.
-    apply_limits(args.cpu_s, args.memory_bytes, args.max_write_bytes)
+    from .inspect_sandbox import enter
+
+    box = enter(args.dir, hide=args.hide, cpu_s=args.cpu_s, memory=args.memory_bytes,
+                max_write=args.max_write_bytes)
+    if box.missing:
+        print(f"inspector sandbox incomplete: {'; '.join(box.missing)}", file=sys.stderr)
     from .archive_safety import configure
 
     configure(args.max_uncompressed_bytes, args.max_zip_ratio)
-    # Libraries may print; keep stdout for the one result line.
-    out, sys.stdout = sys.stdout, sys.stderr
-    try:
-        result = inspect(args.dir, args.config, args.dataset)
-    except Exception as e:  # noqa: BLE001 - an input that breaks a loader is still bad input
-        result = {"ok": False, "code": "input_unreadable",
-                  "message": f"the inputs could not be loaded: {type(e).__name__}: {str(e)[:300]}",
-                  "hint": "check that the files are the ones described in the README's formats"}
-    finally:
-        sys.stdout = out
-    print(json.dumps(result), flush=True)
+    print(json.dumps(run(Path(box.workdir), args.config, args.dataset)), flush=True)
     return 0
 
 
