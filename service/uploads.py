@@ -326,17 +326,16 @@ async def receive_form(request: Request, settings: Settings, staging: Path,
                 if drained > DRAIN_BYTES or not more:
                     break
                 continue
-            if pace.received > total_limit:  # counted over the whole body, chunked or not
-                error = UploadTooLarge("request body", total_limit)
-                buf.clear()
-                continue
             buf += chunk
-            if len(buf) >= settings.upload_chunk_bytes or (buf and not more):
-                try:
+            over = pace.received > total_limit  # counted over the whole body, chunked or not
+            if len(buf) >= settings.upload_chunk_bytes or over or (buf and not more):
+                try:  # first, so that a file over its own limit is the error that is named
                     await feed(bytes(buf))
                 except (InputError, UploadTooLarge, StagingFull) as e:
                     error = e
                 buf.clear()
+            if over and error is None:
+                error = UploadTooLarge("request body", total_limit)
             if not more:
                 break
         if error is None:
