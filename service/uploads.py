@@ -307,11 +307,14 @@ async def receive_form(request: Request, settings: Settings, staging: Path,
     drained = 0
 
     async def feed(data: bytes) -> None:
-        if budget is not None:
-            budget.charge(len(data))  # before writing: the budget is for disk
-        t0 = time.monotonic()
-        await run_in_threadpool(parser.write, data)
-        pace.server_time(time.monotonic() - t0)
+        step = settings.upload_chunk_bytes  # a big message is parsed in pieces of this size too
+        for i in range(0, len(data), step):
+            piece = data[i:i + step]
+            if budget is not None:
+                budget.charge(len(piece))  # before writing: the budget is for disk
+            t0 = time.monotonic()
+            await run_in_threadpool(parser.write, piece)
+            pace.server_time(time.monotonic() - t0)
 
     try:
         while True:
