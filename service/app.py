@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from worker.engine.errors import InputError
 
 from . import errors, logs, metrics, staging
-from .admission import INFLIGHT_RETRY_AFTER_S, STAGING_RETRY_AFTER_S, Admission, \
-    TooManySubmissionsInFlight
+from .admission import (INFLIGHT_RETRY_AFTER_S, STAGING_RETRY_AFTER_S, Admission,
+                        TooManySubmissionsInFlight)
 from .background import Background
 from .db import SchemaOutdated, check_schema, make_engine, session_factory
 from .deps import AppContext, get_principal

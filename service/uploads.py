@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import anyio
-
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool

@@ -56,7 +56,7 @@ class RawUpload:
     def __init__(self, port: int, key: str | None, content_length: int | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.chunked = content_length is None
-        head = [f"POST /v1/jobs HTTP/1.1", "Host: 127.0.0.1",
+        head = ["POST /v1/jobs HTTP/1.1", "Host: 127.0.0.1",
                 f"Content-Type: multipart/form-data; boundary={BOUNDARY}"]
         if key:
             head.append(f"Authorization: Bearer {key}")
