@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 
 from worker.engine.errors import InputError
 
-from . import errors, logs, metrics
+from . import errors, logs, metrics, staging
+from .admission import (INFLIGHT_RETRY_AFTER_S, STAGING_RETRY_AFTER_S, Admission,
+                        TooManySubmissionsInFlight)
 from .background import Background
 from .db import SchemaOutdated, check_schema, make_engine, session_factory
 from .deps import AppContext, get_principal
@@ -25,10 +27,12 @@ from .routes import report as report_route
 from .routes import webhooks as webhooks_route
 from .settings import Settings, get_settings
 from .storage import ArtifactStore, store_from_settings
-from .uploads import UnsupportedMediaType, UploadTooLarge
+from .uploads import StagingFull, UnsupportedMediaType, UploadTooLarge, UploadTooSlow
 from .webhooks import deliver_due
 
 log = logging.getLogger("dare.api")
+
+STAGING_SWEEP_INTERVAL_S = 600.0
 
 DESCRIPTION = """\
 Hardens an image classifier with DARE (ASE 2022) and reports its robustness to FGSM, BIM, PGD,
@@ -55,11 +59,15 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     background.add("reconcile", settings.reconcile_interval_s, lambda: _reconcile(ctx))
     background.add("webhooks", settings.webhook_poll_interval_s,
                    lambda: deliver_due(ctx.settings, ctx.factory))  # the outbox sender
+    # Staging folders a dead API process left (its locks died with it; service.staging).
+    background.add("staging_sweep", STAGING_SWEEP_INTERVAL_S,
+                   lambda: staging.sweep(settings.upload_tmp_dir))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if check_db_schema:
             check_schema(engine)  # refuses to serve on an old schema; the message says what to run
+        staging.sweep(settings.upload_tmp_dir)  # what a crash left: nothing else owns it now
         background.start()
         if app.state.inspector is not None:  # None with DARE_SUBMIT_INSPECTION=off
             app.state.inspector.start()  # its fork server imports torch meanwhile
@@ -75,6 +83,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app.add_middleware(logs.RequestContextMiddleware)  # request_id/job_id on every log line
     app.state.background = background
     app.state.inspector = inspector_for(settings)  # tests may swap in a stand-in before start-up
+    app.state.admission = Admission()  # submissions in flight, staged bytes (service.admission)
     errors.install(app)
     _install_domain_errors(app)
 
@@ -118,6 +127,49 @@ def _install_domain_errors(app: FastAPI) -> None:
             f"{exc.field} is larger than the limit of {exc.limit} bytes. Fix: send a smaller file, "
             f"or have the operator raise {env}", instance=path(request),
             headers={"Connection": "close"}, field=exc.field, limit=exc.limit)
+
+    @app.exception_handler(UploadTooSlow)
+    async def _too_slow(request: Request, exc: UploadTooSlow) -> JSONResponse:
+        metrics.count_rejection("upload_too_slow")
+        if exc.reason == "deadline":
+            why = (f"the request body was not complete within DARE_UPLOAD_DEADLINE_S="
+                   f"{exc.deadline_s:g} s ({exc.received} bytes arrived)")
+        else:
+            why = (f"the request body arrived slower than DARE_UPLOAD_MIN_RATE_BYTES_S="
+                   f"{exc.min_rate} bytes/s over a window of {exc.window_s:g} s ({exc.received} "
+                   f"bytes in {exc.elapsed_s:.0f} s)")
+        return problem_response(
+            408, "upload_too_slow",
+            f"{why}; the upload was cut and nothing was kept. Fix: send the whole body without "
+            "pauses from a faster or nearer network (or smaller files: fewer checkpoints in "
+            "history.zip, a dataset name instead of data), or have the operator lower "
+            "DARE_UPLOAD_MIN_RATE_BYTES_S or raise DARE_UPLOAD_DEADLINE_S",
+            instance=path(request), headers={"Connection": "close"}, reason=exc.reason,
+            received=exc.received)
+
+    @app.exception_handler(StagingFull)
+    async def _staging_full(request: Request, exc: StagingFull) -> JSONResponse:
+        metrics.count_rejection("staging_full")
+        return problem_response(
+            503, "staging_full",
+            f"the server is receiving too many uploads at once: {exc.in_use} of its "
+            f"{exc.budget} bytes of staging space are in use and this upload needs {exc.wanted} "
+            "more. Fix: retry after the Retry-After delay; if the upload alone is larger than "
+            "that space, the operator must raise DARE_STAGING_MAX_BYTES",
+            instance=path(request),
+            headers={"Retry-After": str(STAGING_RETRY_AFTER_S), "Connection": "close"},
+            budget=exc.budget)
+
+    @app.exception_handler(TooManySubmissionsInFlight)
+    async def _inflight(request: Request, exc: TooManySubmissionsInFlight) -> JSONResponse:
+        metrics.count_rejection("too_many_submissions_in_flight")
+        return problem_response(
+            429, "too_many_submissions_in_flight",
+            f"this tenant already has {exc.limit} submissions being uploaded or inspected, the "
+            "most it may have at once. Fix: wait for one of them to be answered, then retry "
+            "(send them one after the other); an operator can raise "
+            "DARE_MAX_INFLIGHT_SUBMISSIONS_PER_TENANT", instance=path(request),
+            headers={"Retry-After": str(INFLIGHT_RETRY_AFTER_S)}, limit=exc.limit)
 
     @app.exception_handler(UnsupportedMediaType)
     async def _media(request: Request, exc: UnsupportedMediaType) -> JSONResponse:

@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -147,11 +148,27 @@ class Pipeline:
         with log_context(job_id=jid, stage=stage):  # every log line below carries both
             claim = self._claim(jid, stage, task_id)
             if isinstance(claim, _Skip):
-                return claim.next_stage
+                return self._after_step(jid, claim.next_stage)
             log.info("job %s: stage %s started (attempt by %s)", jid, stage, self.worker_name)
             # The lease is renewed from the claim to the commit: downloads, the engine, uploads.
             with _Heartbeat(self, claim):
-                return self._execute(claim)
+                nxt = self._execute(claim)
+            return self._after_step(jid, nxt)
+
+    def _after_step(self, job_id: uuid.UUID, next_stage: str | None) -> str | None:
+        """Pass ``next_stage`` through; when there is none and the job has ended (succeeded,
+        failed, cancelled), remove its work directory here."""
+        if next_stage is None and self.workdir(job_id).exists():
+            with session_scope(self.factory) as s:
+                status = s.scalar(select(Job.status).where(Job.id == job_id))
+            if status is None or JobStatus(status).is_terminal():
+                self.remove_workdir(job_id)
+        return next_stage
+
+    def remove_workdir(self, job_id: uuid.UUID | str) -> None:
+        """A job's work directory is scratch: its inputs and artifacts are in the store. Only
+        once the job has ended: a later stage reads what earlier ones left there."""
+        shutil.rmtree(self.workdir(job_id), ignore_errors=True)
 
     def _execute(self, claim: _Claim) -> str | None:
         from worker.engine.config import HardenConfig
@@ -386,6 +403,7 @@ class Pipeline:
             if job is None or JobStatus(job.status).is_terminal():
                 return
             self.fail_locked(s, job, stage, code, message)
+        self.remove_workdir(job_id)  # committed: the job has ended (the worker's failure hook)
 
     def fail_locked(self, s: Session, job: Job, stage: str | None, code: str, message: str) -> None:
         transition(job, JobStatus.failed)

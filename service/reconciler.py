@@ -14,6 +14,9 @@ stall with no message left to move it, and what :func:`reconcile_once` does abou
 - it was cancelled while its worker died: ``cancelling`` with an expired lease becomes
   ``cancelled`` here, since no worker will come back to say so.
 
+Each pass also applies retention (``service.retention``): finished jobs older than
+``DARE_RETENTION_DAYS`` lose their stored inputs and artifacts (counted as ``expired``).
+
 Each re-send records a ``requeued`` event with its reason, and a job is re-sent at most once per
 ``requeue_after_s``; while the same stage stays stuck, the wait doubles (up to 32 times). Duplicates are harmless by construction: the claim drops a message for a
 finished stage or for one whose lease is fresh. Every job is handled under its row lock
@@ -37,6 +40,7 @@ from . import jobs
 from .dispatch import Dispatcher
 from .models import Job, JobEvent, StageRun
 from .pipeline import Pipeline
+from .retention import expire_finished
 from .settings import Settings
 from .states import JobStatus, StageStatus, utcnow
 from .storage import ArtifactStore, store_from_settings
@@ -77,7 +81,12 @@ def reconcile_once(settings: Settings, factory: sessionmaker[Session], dispatche
         except Exception as e:  # the event is recorded: the next pass after requeue_after_s retries
             log.warning("job %s: re-sending %s failed: %s", jid, resend, e)
             counts["send_errors"] += 1
-    result = dict(counts)
+    try:
+        counts["expired"] += expire_finished(settings, factory, pipeline.store, now)
+    except Exception:  # retention is housekeeping: the next pass tries again
+        log.exception("applying retention failed")
+        counts["errors"] += 1
+    result = {k: v for k, v in counts.items() if v}
     if any(k != "throttled" for k in result):
         log.info("reconciled: %s", result)
     return result

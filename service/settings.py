@@ -108,6 +108,23 @@ class Settings(BaseSettings):
     webhook_max_response_bytes: int = Field(
         65536, ge=1024, description="most of a receiver's answer read (status line, headers, body)")
 
+    # Slow and hostile uploads (service.uploads, service.admission): refused before the body is
+    # read when the tenant is at its quota or has this many uploads in flight; cut with 408 when
+    # the body trickles; 503 when staging would outgrow its disk budget. Per API process.
+    max_inflight_submissions_per_tenant: int = Field(
+        2, ge=1, description="POST /v1/jobs bodies received or inspected at once per tenant")
+    upload_min_rate_bytes_s: int = Field(
+        16 * 1024, ge=0, description="least bytes/s a body must average over each rate window; 0 "
+        "disables")
+    upload_rate_window_s: float = Field(30.0, gt=0, description="the rate window, also the grace "
+                                        "before the first check")
+    upload_deadline_s: float = Field(3600.0, gt=0, description="the most one request body may take")
+    staging_max_bytes: int = Field(16 * GiB, ge=1, description="bytes of uploads staged on disk "
+                                   "at once, all requests together")
+    # Retention (service.retention, run by the reconciler): finished jobs older than this lose
+    # their stored inputs and artifacts; the job row and its events stay. 0 keeps them forever.
+    retention_days: float = Field(30, ge=0, description="days a finished job keeps its files")
+
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
         home = self.home.expanduser().resolve()

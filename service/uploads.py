@@ -2,7 +2,12 @@
 
 Files never sit in memory whole: the body is fed to python-multipart's streaming parser in
 ~1 MiB pieces, and each file part is hashed and written as it arrives. Size limits are enforced
-while streaming, so a body without ``Content-Length`` (chunked) is cut off at the limit too.
+while streaming, cumulatively over the pieces, so a body without ``Content-Length`` (chunked) is
+cut off at the limit too, per file and for the whole body. The body also runs against a clock
+(:class:`_Pace`): a total deadline and a least average rate over consecutive windows, so a client
+that trickles bytes is cut with :class:`UploadTooSlow` (408) instead of holding its staging files
+and a connection for ever. Staged bytes are charged to the staging disk's budget as they arrive
+(``service.admission``).
 Files land in ``<staging>/inputs/`` under the engine's names (model.onnx, history.zip, data.npz),
 the layout of a job directory, so the inspector (service.inspection) loads them with the
 engine's own code.
@@ -14,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +47,8 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".onnx")
 # After a limit is hit, keep reading (and dropping) this much so the client sees the 413
 # instead of a reset connection; beyond it the connection is cut.
 DRAIN_BYTES = 64 * 1024 * 1024
+# A part's headers are a few hundred bytes; the parser hands them over unbounded.
+MAX_PART_HEADER_BYTES = 16 * 1024
 
 
 class UploadTooLarge(Exception):
@@ -50,6 +60,78 @@ class UploadTooLarge(Exception):
 
 class UnsupportedMediaType(Exception):
     pass
+
+
+class UploadTooSlow(Exception):
+    """The body missed its deadline (``reason="deadline"``) or arrived slower than the least
+    rate over a window (``reason="rate"``)."""
+
+    def __init__(self, reason: str, received: int, elapsed_s: float, settings: Settings) -> None:
+        super().__init__(f"upload too slow ({reason}): {received} bytes in {elapsed_s:.1f} s")
+        self.reason = reason
+        self.received = received
+        self.elapsed_s = elapsed_s
+        self.min_rate = settings.upload_min_rate_bytes_s
+        self.window_s = settings.upload_rate_window_s
+        self.deadline_s = settings.upload_deadline_s
+
+
+class StagingFull(Exception):
+    """The staging disk's budget (DARE_STAGING_MAX_BYTES) has no room for these bytes now."""
+
+    def __init__(self, budget: int, in_use: int, wanted: int) -> None:
+        super().__init__(f"staging holds {in_use} of {budget} bytes; {wanted} more do not fit")
+        self.budget = budget
+        self.in_use = in_use
+        self.wanted = wanted
+
+
+class StagingTicket(Protocol):
+    """What receive_form needs of ``service.admission.Ticket``."""
+
+    def hold(self, staging: Path) -> None: ...
+
+    def room_for(self, n: int) -> None: ...
+
+    def charge(self, n: int) -> None: ...
+
+
+class _Pace:
+    """The body's clock. Each window of ``upload_rate_window_s`` must bring at least
+    ``min rate x window`` bytes (the first window is the grace), and the whole body must arrive
+    within ``upload_deadline_s``. Time the server spends parsing and writing is not the
+    client's: it moves the window's end, not the deadline."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.start = time.monotonic()
+        self.deadline = self.start + settings.upload_deadline_s
+        self.min_rate = settings.upload_min_rate_bytes_s
+        self.window = settings.upload_rate_window_s
+        self.window_end = self.start + self.window
+        self.window_bytes = 0
+        self.received = 0
+
+    def wait_s(self) -> float:
+        """How long to wait for the next piece before the body is due for a check."""
+        end = min(self.deadline, self.window_end if self.min_rate else math.inf)
+        return max(0.0, end - time.monotonic())
+
+    def got(self, n: int) -> None:
+        self.received += n
+        self.window_bytes += n
+
+    def server_time(self, seconds: float) -> None:
+        self.window_end += seconds
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise UploadTooSlow("deadline", self.received, now - self.start, self.settings)
+        if self.min_rate and now >= self.window_end:
+            if self.window_bytes < self.min_rate * self.window:
+                raise UploadTooSlow("rate", self.received, now - self.start, self.settings)
+            self.window_end, self.window_bytes = now + self.window, 0
 
 
 @dataclass
@@ -99,9 +181,17 @@ class _FormSink:
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._hname += data[start:end]
+        self._check_header_size()
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
         self._hvalue += data[start:end]
+        self._check_header_size()
+
+    def _check_header_size(self) -> None:
+        if len(self._hname) + len(self._hvalue) > MAX_PART_HEADER_BYTES:
+            raise InputError("invalid_multipart",
+                             f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes",
+                             "send multipart/form-data as curl -F or requests' files= do")
 
     def _header_end(self) -> None:
         self._headers[self._hname.decode("latin-1").lower()] = self._hvalue
@@ -186,9 +276,11 @@ def _suffix(filename: str) -> str:
     return "." + name.rsplit(".", 1)[-1] if "." in name else ""
 
 
-async def receive_form(request: Request, settings: Settings, staging: Path) -> ReceivedForm:
+async def receive_form(request: Request, settings: Settings, staging: Path,
+                       budget: StagingTicket | None = None) -> ReceivedForm:
     """Stream the multipart body into ``staging``; raise InputError / UploadTooLarge /
-    UnsupportedMediaType. The caller owns ``staging`` (and removes it)."""
+    UnsupportedMediaType / UploadTooSlow, or StagingFull from ``budget``.
+    The caller owns ``staging`` (and removes it, whatever happens)."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
         raise UnsupportedMediaType()
@@ -197,30 +289,58 @@ async def receive_form(request: Request, settings: Settings, staging: Path) -> R
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > total_limit:
         raise UploadTooLarge("request body", total_limit)
+    error: Exception | None = None
+    if declared and declared.isdigit() and budget is not None:
+        try:  # an early answer; the bytes are charged as they arrive
+            budget.room_for(int(declared))
+        except StagingFull as e:
+            error = e  # answered after draining, like every refusal mid-body
 
+    if budget is not None:
+        budget.hold(staging)  # created and locked against the orphan sweep (service.staging)
     (staging / "inputs").mkdir(parents=True, exist_ok=True)
     sink = _FormSink(settings, staging)
     parser = MultipartParser(params[b"boundary"], sink.callbacks())
+    pace = _Pace(settings)
     buf = bytearray()
-    error: Exception | None = None
     drained = 0
+
+    async def feed(data: bytes) -> None:
+        step = settings.upload_chunk_bytes  # a big message is parsed in pieces of this size too
+        for i in range(0, len(data), step):
+            piece = data[i:i + step]
+            if budget is not None:
+                budget.charge(len(piece))  # before writing: the budget is for disk
+            t0 = time.monotonic()
+            await run_in_threadpool(parser.write, piece)
+            pace.server_time(time.monotonic() - t0)
+
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk, more = await _next_piece(request, pace)
+            except UploadTooSlow:
+                if error is not None:
+                    break  # draining for the answer we owe already: stop there
+                raise
             if error is not None:  # drop the rest so the client can read our answer
                 drained += len(chunk)
-                if drained > DRAIN_BYTES:
+                if drained > DRAIN_BYTES or not more:
                     break
                 continue
             buf += chunk
-            if len(buf) >= settings.upload_chunk_bytes:
-                try:
-                    await run_in_threadpool(parser.write, bytes(buf))
-                except (InputError, UploadTooLarge) as e:
+            over = pace.received > total_limit  # counted over the whole body, chunked or not
+            if len(buf) >= settings.upload_chunk_bytes or over or (buf and not more):
+                try:  # first, so that a file over its own limit is the error that is named
+                    await feed(bytes(buf))
+                except (InputError, UploadTooLarge, StagingFull) as e:
                     error = e
                 buf.clear()
+            if over and error is None:
+                error = UploadTooLarge("request body", total_limit)
+            if not more:
+                break
         if error is None:
-            if buf:
-                await run_in_threadpool(parser.write, bytes(buf))
             parser.finalize()
     except ClientDisconnect:
         raise InputError("incomplete_upload", "the client closed the connection mid-upload",
@@ -236,6 +356,27 @@ async def receive_form(request: Request, settings: Settings, staging: Path) -> R
         raise InputError("incomplete_upload", "the multipart body ended inside a part",
                          "retry the request")
     return sink.form
+
+
+async def _next_piece(request: Request, pace: _Pace) -> tuple[bytes, bool]:
+    """The next piece of the body and whether more follows, waiting no longer than the pace
+    allows; raises UploadTooSlow or ClientDisconnect. Reads the ASGI messages directly (not
+    ``request.stream()``): a wait cut by the timer must leave the receiver usable, and
+    uvicorn's ``receive`` keeps what arrived meanwhile for the next call."""
+    while True:
+        with anyio.move_on_after(pace.wait_s()) as timer:
+            message = await request.receive()
+        if timer.cancelled_caught:
+            pace.check()  # raises when the body is late; else a new window has begun
+            continue
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        pace.got(len(chunk))
+        more = bool(message.get("more_body", False))
+        if more:
+            pace.check()
+        return chunk, more
 
 
 # --- cheap format checks (the inspector and the engine's validate stage do the deep ones) -----

@@ -10,10 +10,12 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import jobs
+from ..admission import admit
 from ..deps import CtxDep, JobDep, PrincipalDep, SessionDep
 from ..errors import ProblemError, problem_responses
 from ..idempotency import KEY_PATTERN
 from ..inspection import inspect_submission
+from ..retention import expired_at
 from ..schemas import ArtifactRead, EventList, JobList, JobRead
 from ..states import JobStatus
 from ..submission import submit
@@ -67,7 +69,7 @@ _UPLOAD_BODY = {
                 "(queued, running, cancelling) jobs: 429 `too_many_active_jobs` with Retry-After.",
     responses={200: {"model": JobRead, "description": "an Idempotency-Key replay: the job the "
                                                       "first request with this key created"},
-               **problem_responses(413, 415, 422, 429, 503)},
+               **problem_responses(408, 413, 415, 422, 429, 503)},
     openapi_extra=_UPLOAD_BODY)
 async def create_job(
     request: Request, response: Response, ctx: CtxDep, principal: PrincipalDep,
@@ -78,16 +80,25 @@ async def create_job(
 ) -> JobRead:
     job_id = uuid.uuid4()
     staging = ctx.settings.upload_tmp_dir / str(job_id)
+    # 429 before a byte of the body is read: the tenant's quota and its submissions in flight.
+    ticket = await run_in_threadpool(
+        admit, request.app.state.admission, ctx.factory, principal.tenant_id,
+        max_inflight=ctx.settings.max_inflight_submissions_per_tenant,
+        staging_budget=ctx.settings.staging_max_bytes,
+        max_active_jobs=ctx.settings.max_active_jobs_per_tenant, idempotency_key=idempotency_key)
     try:
-        form = await receive_form(request, ctx.settings, staging)
+        form = await receive_form(request, ctx.settings, staging, ticket)
         # Load the files in the sandboxed inspector before anything is stored; waiting for a
-        # free inspector holds no thread (503 inspector_busy past the bounded wait).
-        await inspect_submission(request.app.state.inspector, form, ctx.settings)
+        # free inspector holds no thread (503 inspector_busy past the bounded wait). A replay
+        # of an accepted submission stores nothing and is not inspected again.
+        if not ticket.replay:
+            await inspect_submission(request.app.state.inspector, form, ctx.settings)
         done = await run_in_threadpool(
             submit, form, job_id=job_id, tenant_id=principal.tenant_id, factory=ctx.factory,
             store=ctx.store, dispatcher=ctx.dispatcher, idempotency_key=idempotency_key,
             max_active_jobs=ctx.settings.max_active_jobs_per_tenant, settings=ctx.settings)
     finally:
+        ticket.release()  # first, and not awaited: it must happen even when cancelled
         # A replayed or refused submission stored nothing: its upload goes with the staging dir.
         await run_in_threadpool(shutil.rmtree, staging, True)
     if done.replayed:
@@ -151,10 +162,19 @@ def list_artifacts(job: JobDep, session: SessionDep,
 @router.get("/{job_id}/artifacts/{name}", summary="Download an artifact",
             response_class=Response, responses={
                 200: {"description": "the file", "content": {"application/octet-stream": {}}},
-                **problem_responses(404)})
+                **problem_responses(404, 410)})
 def download_artifact(job: JobDep, name: str, session: SessionDep, ctx: CtxDep,
                       principal: PrincipalDep) -> Response:
     art = jobs.get_artifact(session, job.id, name, tenant_id=principal.tenant_id)
+    if art is None:
+        gone_at = expired_at(session, job.id)
+        if gone_at is not None:
+            raise ProblemError(
+                410, "artifact_expired",
+                f"job {job.id} ended more than DARE_RETENTION_DAYS="
+                f"{ctx.settings.retention_days:g} days ago; its inputs and artifacts were deleted "
+                f"on {gone_at:%Y-%m-%d %H:%M} UTC. Fix: submit the job again to get them anew "
+                "(download artifacts soon after a job ends)", expired_at=gone_at.isoformat())
     if art is None or not ctx.store.exists(art.uri):
         have = [a.name for a in jobs.list_artifacts(session, job.id,
                                                     tenant_id=principal.tenant_id)]

@@ -78,6 +78,9 @@ def test_malformed_key_is_422(client, subject_bytes, bad):
 
 
 def test_concurrent_twins_make_one_job(client, dispatcher, subject_bytes, settings):
+    # all four in flight at once (past the default per-tenant cap of 2), so the twins race
+    client.app.state.ctx.settings = settings.model_copy(
+        update={"max_inflight_submissions_per_tenant": 4})
     key = str(uuid.uuid4())
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: _post(client, subject_bytes, key), range(4)))

@@ -1,7 +1,10 @@
 """The per-tenant limit on active (queued, running, cancelling) jobs: 429 with Retry-After past
-it, nothing stored for a refused submission, per tenant, and race-safe on PostgreSQL and SQLite."""
+it, answered before the body is read, nothing stored for a refused submission, per tenant, and
+race-safe on PostgreSQL and SQLite. The per-tenant cap on submissions in flight: 429 before the
+body, per tenant, given back when an upload ends however it ends (a client that disconnects)."""
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +13,8 @@ import pytest
 from service import jobs
 from service.states import JobStatus, transition
 
-from .conftest import RecordingDispatcher, make_key, submit_files
+from .conftest import RecordingDispatcher, make_key, submit_files, tenant_id
+from .live_server import RawUpload, part_header, serve
 
 PROBLEM = "application/problem+json"
 
@@ -91,6 +95,8 @@ def racing_client(request, settings, tmp_path):
         url = f"sqlite:///{tmp_path / 'race.db'}"
         upgrade(url)
         s = settings.model_copy(update={"database_url": url})
+    # all six in flight at once, so that the lock (not the in-flight cap) settles the race
+    s = s.model_copy(update={"max_inflight_submissions_per_tenant": 10})
     dispatcher = RecordingDispatcher()
     app = create_app(s, dispatcher=dispatcher)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -108,3 +114,87 @@ def test_concurrent_submissions_cannot_overshoot_the_limit(racing_client, subjec
     assert codes == [202, 202, 429, 429, 429, 429], [r.text[:200] for r in answers]
     assert len(client.get("/v1/jobs").json()["items"]) == 2
     assert len(dispatcher.sent) == 2
+
+
+def test_an_idempotent_retry_at_the_quota_gets_its_job_back(client, subject_bytes):
+    """The early quota check must not turn a retry of an accepted submission (which itself
+    fills the quota) into a 429."""
+    key = make_key(client.app.state.ctx.factory, "q3", max_active_jobs=1)
+    auth = {"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-me"}
+    first = _post(client, subject_bytes, auth)
+    assert first.status_code == 202, first.text
+    again = _post(client, subject_bytes, auth)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+    _assert_429(_post(client, subject_bytes, {"Authorization": f"Bearer {key}"}), 1)
+
+
+@pytest.fixture
+def live(settings):
+    """A real server (uvicorn) on the settings, with tenants "a" (limit 1 active job) and "b"."""
+    from service.app import create_app
+
+    app = create_app(settings, dispatcher=RecordingDispatcher())
+    factory = app.state.ctx.factory
+    keys = {"a": make_key(factory, "a", max_active_jobs=1), "b": make_key(factory, "b")}
+    try:
+        with serve(app) as port:
+            yield port, keys, app
+    finally:
+        app.state.ctx.engine.dispose()
+
+
+def _submit_over_http(port: int, key: str, subject_bytes) -> int:  # noqa: ANN001
+    import httpx
+
+    files, data = submit_files(subject_bytes)
+    return httpx.post(f"http://127.0.0.1:{port}/v1/jobs", files=files, data=data, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def test_a_tenant_at_its_quota_is_refused_before_sending_its_body(live, settings,
+                                                                   subject_bytes):
+    port, keys, app = live
+    assert _submit_over_http(port, keys["a"], subject_bytes) == 202
+    # headers and the first bytes of a 100 KiB body: the answer comes without the rest
+    up = RawUpload(port, keys["a"], content_length=100 * 1024)
+    assert up.send(part_header("model", "model.onnx") + b"\x08")
+    assert up.answered(5), "no answer while the body was still unsent"
+    a = up.read_answer()
+    assert a.status == 429 and a.body["code"] == "too_many_active_jobs", a
+    assert int(a.headers["retry-after"]) > 0
+    up.close()
+    assert list(settings.upload_tmp_dir.iterdir()) == []  # nothing was staged for it
+    assert app.state.admission.inflight(tenant_id(app.state.ctx.factory, "a")) == 0
+
+
+def test_submissions_in_flight_are_capped_per_tenant(live, settings, subject_bytes):
+    port, keys, app = live
+    factory = app.state.ctx.factory
+    limit = settings.max_inflight_submissions_per_tenant
+    assert limit == 2  # the default
+    # tenant b holds its two places with uploads that are still arriving
+    slow = [RawUpload(port, keys["b"]) for _ in range(limit)]
+    for up in slow:
+        assert up.send(part_header("model", "model.onnx") + b"\x08")
+    deadline = time.monotonic() + 10
+    while app.state.admission.inflight(tenant_id(factory, "b")) < limit:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    third = RawUpload(port, keys["b"], content_length=100 * 1024)
+    assert third.answered(5), "no answer while the body was still unsent"
+    a = third.read_answer()
+    assert a.status == 429 and a.body["code"] == "too_many_submissions_in_flight", a
+    assert int(a.headers["retry-after"]) > 0 and a.body["limit"] == limit
+    assert "DARE_MAX_INFLIGHT_SUBMISSIONS_PER_TENANT" in a.body["detail"]
+    third.close()
+    # another tenant is not affected
+    assert _submit_over_http(port, keys["a"], subject_bytes) == 202
+    # clients that give up mid-body give their places back
+    for up in slow:
+        up.close()
+    while app.state.admission.inflight(tenant_id(factory, "b")) > 0:
+        assert time.monotonic() < deadline + 10, "a disconnected upload kept its place"
+        time.sleep(0.02)
+    assert _submit_over_http(port, keys["b"], subject_bytes) == 202
+    assert app.state.admission.staged == 0
+    assert list(settings.upload_tmp_dir.iterdir()) == []
