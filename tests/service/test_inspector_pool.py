@@ -234,3 +234,44 @@ def test_waiting_for_an_inspector_holds_no_thread_and_ends_in_a_503(settings):
     assert int(busy.headers["Retry-After"]) > 0
     assert server.proc is None and proc.poll() is not None  # stopped with the app
     app.state.ctx.engine.dispose()
+
+
+class CountingInspector:
+    """Stands in for the pool: counts inspections, accepts everything."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    async def inspect(self, staging: Path, config_json: str) -> dict:
+        self.calls += 1
+        return {"ok": True}
+
+
+def test_an_idempotency_replay_is_not_inspected_again(settings, subject_bytes):
+    """The replay stores nothing, so it costs no inspection (and no inspector slot); a new
+    submission is inspected."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    from .conftest import submit_files
+
+    s = settings.model_copy(update={"submit_inspection": "subprocess"})
+    app = create_app(s, dispatcher=RecordingDispatcher())
+    app.state.inspector = counting = CountingInspector()
+    files, data = submit_files(subject_bytes)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {make_key(app.state.ctx.factory, 't1')}"
+        first = client.post("/v1/jobs", files=files, data=data, headers={"Idempotency-Key": "k-1"})
+        again = client.post("/v1/jobs", files=files, data=data, headers={"Idempotency-Key": "k-1"})
+        other = client.post("/v1/jobs", files=files, data=data, headers={"Idempotency-Key": "k-2"})
+    assert (first.status_code, again.status_code, other.status_code) == (202, 200, 202)
+    assert again.json()["id"] == first.json()["id"]
+    assert counting.calls == 2  # the first and the new one, not the replay
+    app.state.ctx.engine.dispose()
