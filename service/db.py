@@ -18,18 +18,35 @@ class SchemaOutdated(RuntimeError):
     """The database is not at the code's migration head; the message says what to run."""
 
 
+SQLITE_BUSY_TIMEOUT_S = 30  # how long a SQLite writer waits for another's lock before failing
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": SQLITE_BUSY_TIMEOUT_S})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+            # pysqlite's own transaction handling is off: it sends BEGIN only before the first
+            # INSERT/UPDATE, so a read and the write that depends on it ran in two transactions
+            # (a claim could read "queued", a cancel commit, the claim write "running").
+            dbapi_conn.isolation_level = None
             # WAL lets the API read while the worker writes; the foreign keys make CASCADE real.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn) -> None:  # noqa: ANN001
+            # SQLite has no row locks (FOR UPDATE compiles to nothing): every transaction takes
+            # the database's write lock when it begins, so read-then-write is atomic, and a
+            # second writer waits (busy_timeout) at BEGIN instead of failing at its first write
+            # when its snapshot is stale. Transactions are short (the request session ends with
+            # the route, see service.deps), so readers wait milliseconds at most.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)

@@ -194,12 +194,21 @@ class Pipeline:
 
     # --- claim ----------------------------------------------------------------------------
 
+    # Test seam: called with (job id, stage) once the claim has read the job, before it writes
+    # anything, so a test can land a cancel exactly there (tests/service/test_sqlite_atomic.py).
+    after_claim_read: Callable[[uuid.UUID, str], None] | None = None
+
     def _claim(self, jid: uuid.UUID, stage: str, task_id: str | None) -> _Claim | _Skip:
+        # The read below holds the job until the commit: a row lock on PostgreSQL, the write
+        # lock taken by BEGIN IMMEDIATE on SQLite (service.db). A cancel waits for the claim
+        # and then sees "running", or commits first and the claim sees "cancelled".
         with self.transaction() as s:
             job = s.scalars(select(Job).where(Job.id == jid).with_for_update()).one_or_none()
             if job is None:
                 log.warning("dropping stage %s of unknown job %s", stage, jid)
                 return _Skip()
+            if self.after_claim_read is not None:
+                self.after_claim_read(jid, stage)
             status = JobStatus(job.status)
             if status.is_terminal():
                 return _Skip()
