@@ -17,6 +17,7 @@ from .dispatch import BrokerUnavailable, CeleryDispatcher, Dispatcher
 from .errors import problem_response
 from .idempotency import IdempotencyKeyReused
 from .jobs import InvalidCursor, JobFinished, JobNotFound
+from .open_mode_guard import OpenModeGuard
 from .quotas import RETRY_AFTER_S, TooManyActiveJobs
 from .routes import health, jobs
 from .routes import metrics as metrics_route
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app = FastAPI(title="DARE hardening service", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.ctx = ctx
+    if settings.auth == "open":  # no keys: refuse what a web page could send (CSRF, rebinding)
+        app.add_middleware(OpenModeGuard)
     app.add_middleware(logs.RequestContextMiddleware)  # request_id/job_id on every log line
     app.state.background = background
     errors.install(app)
