@@ -40,7 +40,7 @@ from .db import engine_for, session_factory, session_scope
 from .logs import log_context
 from .models import Artifact, Job, StageRun
 from .settings import Settings, get_settings
-from .states import JobStatus, StageStatus, transition, utcnow
+from .states import JobStatus, StageStatus, utcnow
 from .storage import ArtifactStore, artifact_key, store_from_settings
 
 log = logging.getLogger("dare.pipeline")
@@ -250,7 +250,7 @@ class Pipeline:
             run.started_at = run.heartbeat_at = now
             run.progress = 0.0
             if status is JobStatus.queued:
-                transition(job, JobStatus.running, now=now)
+                jobs.set_status(s, job, JobStatus.running, now=now)
             job.stage_name, job.stage_index, job.stage_progress = stage, index, 0.0
             job.progress = overall_progress(job.stages, index, 0.0)
             job.updated_at = now
@@ -348,7 +348,7 @@ class Pipeline:
             if last:
                 job.result = self.build_result(s, job, workdir)
                 job.stage_progress, job.progress = 1.0, 1.0
-                transition(job, JobStatus.succeeded, now=now)
+                jobs.set_status(s, job, JobStatus.succeeded, now=now)
                 jobs.add_event(s, job.id, "succeeded")
                 return None
             nxt = claim.stages[claim.index + 1]
@@ -397,7 +397,7 @@ class Pipeline:
             self.fail_locked(s, job, stage, code, message)
 
     def fail_locked(self, s: Session, job: Job, stage: str | None, code: str, message: str) -> None:
-        transition(job, JobStatus.failed)
+        jobs.set_status(s, job, JobStatus.failed)
         job.error_code, job.error_message, job.error_stage = code, message, stage
         if stage is not None:
             s.execute(update(StageRun).where(StageRun.job_id == job.id, StageRun.name == stage)
@@ -416,8 +416,8 @@ class Pipeline:
         """Cancel the locked job and unpublish its artifacts: the rows go now, the stored
         objects once the session commits (see :meth:`transaction`)."""
         if JobStatus(job.status) is JobStatus.running:  # the engine stopped on its own
-            transition(job, JobStatus.cancelling)
-        transition(job, JobStatus.cancelled)
+            jobs.set_status(s, job, JobStatus.cancelling)
+        jobs.set_status(s, job, JobStatus.cancelled)
         if stage is not None:
             s.execute(update(StageRun).where(StageRun.job_id == job.id, StageRun.name == stage,
                                              StageRun.status.in_([StageStatus.running,

@@ -232,3 +232,24 @@ def test_sqlite_read_modify_write_from_many_threads_waits_and_loses_nothing(tmp_
     with factory() as s:
         assert s.scalar(select(Tenant.max_active_jobs).where(Tenant.id == tid)) == 200
     engine.dispose()
+
+
+# --- the second line of defence: status moves are conditional updates ---------------------------
+
+def test_a_status_move_checks_the_row_still_holds_the_status_it_read(db_client, subject_bytes):
+    """Without any lock (SQLite with pysqlite's own lazy BEGIN, as before the fix; PostgreSQL
+    without FOR UPDATE), a claim that read "queued" before a cancel committed cannot write
+    "running": the UPDATE ... WHERE status = 'queued' matches no row, and nothing is written."""
+    ctx = db_client.app.state.ctx
+    jid = _submit(db_client, subject_bytes)
+    unlocked = make_engine(ctx.settings.database_url, begin_immediate=False)
+    try:
+        with session_factory(unlocked)() as s:
+            job = jobs.get_job(s, jid)  # reads "queued", takes no lock
+            assert _cancel(ctx.factory, jid) is JobStatus.cancelled  # commits meanwhile
+            with pytest.raises(jobs.StatusChanged, match="no longer queued"):
+                jobs.set_status(s, job, JobStatus.running)
+            s.rollback()
+    finally:
+        unlocked.dispose()
+    assert _state(ctx.factory, jid)[0] is JobStatus.cancelled
