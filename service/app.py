@@ -20,6 +20,7 @@ from .errors import problem_response
 from .idempotency import IdempotencyKeyReused
 from .inspector_pool import inspector_for
 from .jobs import InvalidCursor, JobFinished, JobNotFound
+from .open_mode_guard import OpenModeGuard
 from .quotas import RETRY_AFTER_S, TooManyActiveJobs
 from .routes import health, jobs
 from .routes import metrics as metrics_route
@@ -80,6 +81,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app = FastAPI(title="DARE hardening service", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.ctx = ctx
+    if settings.auth == "open":  # no keys: refuse what a web page could send (CSRF, rebinding)
+        app.add_middleware(OpenModeGuard)
     app.add_middleware(logs.RequestContextMiddleware)  # request_id/job_id on every log line
     app.state.background = background
     app.state.inspector = inspector_for(settings)  # tests may swap in a stand-in before start-up

@@ -18,18 +18,39 @@ class SchemaOutdated(RuntimeError):
     """The database is not at the code's migration head; the message says what to run."""
 
 
-def make_engine(url: str) -> Engine:
+SQLITE_BUSY_TIMEOUT_S = 30  # how long a SQLite writer waits for another's lock before failing
+
+
+def make_engine(url: str, *, begin_immediate: bool = True) -> Engine:
+    """``begin_immediate=False`` only for migrations (see :func:`_migrate`)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": SQLITE_BUSY_TIMEOUT_S})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+            # pysqlite's own transaction handling is off: it sends BEGIN only before the first
+            # INSERT/UPDATE, so a read and the write that depends on it ran in two transactions
+            # (a claim could read "queued", a cancel commit, the claim write "running").
+            if begin_immediate:
+                dbapi_conn.isolation_level = None
             # WAL lets the API read while the worker writes; the foreign keys make CASCADE real.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        def _begin_immediate(conn) -> None:  # noqa: ANN001
+            # SQLite has no row locks (FOR UPDATE compiles to nothing): every transaction takes
+            # the database's write lock when it begins, so read-then-write is atomic, and a
+            # second writer waits (busy_timeout) at BEGIN instead of failing at its first write
+            # when its snapshot is stale. Transactions are short (the request session ends with
+            # the route, see service.deps), so readers wait milliseconds at most.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        if begin_immediate:
+            event.listen(engine, "begin", _begin_immediate)
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
@@ -101,16 +122,31 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _migrate(url: str, step, revision: str) -> None:  # noqa: ANN001 (an alembic command)
+    """Run an alembic command on a connection that keeps pysqlite's lazy BEGIN: migration 0002
+    switches SQLite's foreign keys off, which only works outside a transaction, and a BEGIN
+    IMMEDIATE before alembic's first read would open one. Migrations run alone (``dare serve``
+    before it starts the worker; ``dare db upgrade`` in production), so no lock is needed."""
+    cfg = alembic_config(url)
+    engine = make_engine(url, begin_immediate=False)
+    try:
+        with engine.connect() as connection:
+            cfg.attributes["connection"] = connection  # alembic/env.py uses it as given
+            step(cfg, revision)
+    finally:
+        engine.dispose()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    _migrate(url, command.upgrade, revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
-    command.downgrade(alembic_config(url), revision)
+    _migrate(url, command.downgrade, revision)
 
 
 def check_schema(engine: Engine) -> None:

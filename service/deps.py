@@ -46,7 +46,10 @@ def get_session(ctx: CtxDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Closed when the route returns, not after the response is sent: a streamed download must not
+# hold a database connection (on SQLite, whose transactions take the write lock, it would stall
+# the worker for as long as the client takes to read).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from . import webhooks
 from .models import Artifact, Job, JobEvent, JobInput
 from .schemas import ArtifactRead, ErrorRead, EventRead, InputRead, JobRead, StageRead
-from .states import JobStatus, transition, utcnow
+from .states import IllegalTransition, JobStatus, can_transition, transition, utcnow
 
 
 class JobNotFound(LookupError):
@@ -41,6 +41,14 @@ class JobFinished(RuntimeError):
 
 class InvalidCursor(ValueError):
     pass
+
+
+class StatusChanged(RuntimeError):
+    """The job's row no longer holds the status this session read: another transaction moved it
+    in between. Nothing was written."""
+
+    def __init__(self, job_id: uuid.UUID, read: JobStatus, target: JobStatus) -> None:
+        super().__init__(f"job {job_id} is no longer {read.value}; not moving it to {target.value}")
 
 
 @dataclass
@@ -86,6 +94,24 @@ def get_job(session: Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID | None 
     if job is None:
         raise JobNotFound(job_id)
     return job
+
+
+def set_status(session: Session, job: Job, target: JobStatus, *,
+               now: datetime | None = None) -> None:
+    """:func:`service.states.transition`, written as ``UPDATE jobs SET status = target WHERE id
+    = ... AND status = <the status this session read>`` and checked by its row count, or
+    :class:`StatusChanged`. Callers hold the job's lock (FOR UPDATE; BEGIN IMMEDIATE on SQLite),
+    so it never fires today; it keeps a path that misses the lock from moving a job out of a
+    status it has already left (a cancelled job back to running)."""
+    current, target = JobStatus(job.status), JobStatus(target)
+    if not can_transition(current, target):
+        raise IllegalTransition(current, target)
+    moved = session.execute(update(Job).where(Job.id == job.id, Job.status == current)
+                            .values(status=target)
+                            .execution_options(synchronize_session=False)).rowcount
+    if moved != 1:
+        raise StatusChanged(job.id, current, target)
+    transition(job, target, now=now)  # the object follows; its flush stamps the times
 
 
 # --- pages ----------------------------------------------------------------------------------
@@ -161,10 +187,10 @@ def request_cancel(session: Session, job_id: uuid.UUID, *,
     job.cancel_requested_at = utcnow()
     add_event(session, job.id, "cancel_requested", job.stage_name)
     if status is JobStatus.queued:
-        transition(job, JobStatus.cancelled)
+        set_status(session, job, JobStatus.cancelled)
         add_event(session, job.id, "cancelled", job.stage_name)
     else:
-        transition(job, JobStatus.cancelling)
+        set_status(session, job, JobStatus.cancelling)
     return job
 
 

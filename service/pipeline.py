@@ -41,7 +41,7 @@ from .db import engine_for, session_factory, session_scope
 from .logs import log_context
 from .models import Artifact, Job, StageRun
 from .settings import Settings, get_settings
-from .states import JobStatus, StageStatus, transition, utcnow
+from .states import JobStatus, StageStatus, utcnow
 from .storage import ArtifactStore, artifact_key, store_from_settings
 
 log = logging.getLogger("dare.pipeline")
@@ -211,12 +211,21 @@ class Pipeline:
 
     # --- claim ----------------------------------------------------------------------------
 
+    # Test seam: called with (job id, stage) once the claim has read the job, before it writes
+    # anything, so a test can land a cancel exactly there (tests/service/test_sqlite_atomic.py).
+    after_claim_read: Callable[[uuid.UUID, str], None] | None = None
+
     def _claim(self, jid: uuid.UUID, stage: str, task_id: str | None) -> _Claim | _Skip:
+        # The read below holds the job until the commit: a row lock on PostgreSQL, the write
+        # lock taken by BEGIN IMMEDIATE on SQLite (service.db). A cancel waits for the claim
+        # and then sees "running", or commits first and the claim sees "cancelled".
         with self.transaction() as s:
             job = s.scalars(select(Job).where(Job.id == jid).with_for_update()).one_or_none()
             if job is None:
                 log.warning("dropping stage %s of unknown job %s", stage, jid)
                 return _Skip()
+            if self.after_claim_read is not None:
+                self.after_claim_read(jid, stage)
             status = JobStatus(job.status)
             if status.is_terminal():
                 return _Skip()
@@ -258,7 +267,7 @@ class Pipeline:
             run.started_at = run.heartbeat_at = now
             run.progress = 0.0
             if status is JobStatus.queued:
-                transition(job, JobStatus.running, now=now)
+                jobs.set_status(s, job, JobStatus.running, now=now)
             job.stage_name, job.stage_index, job.stage_progress = stage, index, 0.0
             job.progress = overall_progress(job.stages, index, 0.0)
             job.updated_at = now
@@ -356,7 +365,7 @@ class Pipeline:
             if last:
                 job.result = self.build_result(s, job, workdir)
                 job.stage_progress, job.progress = 1.0, 1.0
-                transition(job, JobStatus.succeeded, now=now)
+                jobs.set_status(s, job, JobStatus.succeeded, now=now)
                 jobs.add_event(s, job.id, "succeeded")
                 return None
             nxt = claim.stages[claim.index + 1]
@@ -406,7 +415,7 @@ class Pipeline:
         self.remove_workdir(job_id)  # committed: the job has ended (the worker's failure hook)
 
     def fail_locked(self, s: Session, job: Job, stage: str | None, code: str, message: str) -> None:
-        transition(job, JobStatus.failed)
+        jobs.set_status(s, job, JobStatus.failed)
         job.error_code, job.error_message, job.error_stage = code, message, stage
         if stage is not None:
             s.execute(update(StageRun).where(StageRun.job_id == job.id, StageRun.name == stage)
@@ -425,8 +434,8 @@ class Pipeline:
         """Cancel the locked job and unpublish its artifacts: the rows go now, the stored
         objects once the session commits (see :meth:`transaction`)."""
         if JobStatus(job.status) is JobStatus.running:  # the engine stopped on its own
-            transition(job, JobStatus.cancelling)
-        transition(job, JobStatus.cancelled)
+            jobs.set_status(s, job, JobStatus.cancelling)
+        jobs.set_status(s, job, JobStatus.cancelled)
         if stage is not None:
             s.execute(update(StageRun).where(StageRun.job_id == job.id, StageRun.name == stage,
                                              StageRun.status.in_([StageStatus.running,

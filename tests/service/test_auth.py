@@ -150,7 +150,8 @@ def test_open_mode_acts_as_the_default_tenant(settings, dispatcher, subject_byte
     from service.app import create_app
 
     app = create_app(settings.model_copy(update={"auth": "open"}), dispatcher=dispatcher)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    # open mode serves loopback names only (service.open_mode_guard), not "testserver"
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
         files, data = submit_files(subject_bytes)
         r = c.post("/v1/jobs", files=files, data=data)
         assert r.status_code == 202, r.text
