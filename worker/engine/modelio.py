@@ -212,12 +212,20 @@ def check_pt2_archive(src, name: str) -> None:
         try:
             torch.load(io.BytesIO(zf.read(member)), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - UnpicklingError, or anything a bad file raises
-            why = (f"is a pickle that needs code to load ({str(e).splitlines()[0][:160]})"
+            why = (f"is a pickle that needs code to load ({_unpickler_reason(e)})"
                    if isinstance(e, pickle.UnpicklingError)
                    else f"is not a plain tensor file ({type(e).__name__})")
             raise InputError(
                 "unsafe_model", f"{name} cannot be loaded safely: its member '{member}' {why}",
                 "save a plain torch.export program of tensors only: " + _PT2_HINT) from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names the global, not its long advice."""
+    import re
+
+    m = re.search(r"(?:WeightsUnpickler error: |\n)([^\n]*(?:GLOBAL|global)[^\n]*)", str(e))
+    return (m.group(1) if m else str(e).splitlines()[0]).strip().split(" Please")[0][:200]
 
 
 def _load_pt2(path: Path) -> LoadedModel:

@@ -123,38 +123,40 @@ def _check(zf: zipfile.ZipFile) -> str:
             raise _Refused(i.filename, "appears twice (names must be unique, ignoring case)")
         seen.add(key)
     root = infos[0].filename.split("/", 1)[0]
-    if not _ROOT.fullmatch(root):
-        raise _Refused(infos[0].filename, "is not under a plain root folder")
     rel: dict[str, zipfile.ZipInfo] = {}
     for i in infos:
         head, sep, tail = i.filename.partition("/")
-        if head != root or not sep:
-            raise _Refused(i.filename, f"is outside the archive's root folder '{root}/' (a "
+        if not sep:
+            raise _Refused(i.filename, "is at the top of the zip, outside any root folder (the "
                                        "root-level legacy layout is never read)")
+        if head != root or not _ROOT.fullmatch(root):
+            raise _Refused(i.filename, f"is outside the archive's root folder '{root[:80]}/'")
         rel[tail] = i
-    payloads: dict[str, set[str]] = {d: set() for d in _PAYLOADS}
-    for r in rel:
-        folder, _, fname = r.rpartition("/")
-        if r in _REQUIRED or r in _OPTIONAL or r in _CONFIGS:
-            continue
-        if f"{folder}/" in _PAYLOADS and _PAYLOADS[f"{folder}/"].fullmatch(fname):
-            payloads[f"{folder}/"].add(fname)
-            continue
-        raise _Refused(f"{root}/{r}", "is not a member torch.export.save writes (only the "
-                                      "program, its configs, raw weight_<n>/tensor_<n> payloads "
-                                      "and the sample inputs are accepted)")
     for r, want in _REQUIRED.items():
         if r not in rel:
             raise _Refused(f"{root}/{r}", "is missing")
         if want is not None and zf.read(rel[r]).strip() != want:
             raise _Refused(f"{root}/{r}", f"does not hold {want.decode()!r}")
+    payloads: dict[str, set[str]] = {d: set() for d in _PAYLOADS}
+    unknown = []
+    for r in rel:
+        folder, _, fname = r.rpartition("/")
+        if f"{folder}/" in _PAYLOADS and _PAYLOADS[f"{folder}/"].fullmatch(fname):
+            payloads[f"{folder}/"].add(fname)
+        elif not (r in _REQUIRED or r in _OPTIONAL):
+            unknown.append(r)
+    # The configs first: a bad entry explains an extra member better than the member does.
+    referenced = {folder: _check_config(_json(zf, rel[cfg], f"{root}/{cfg}"), f"{root}/{cfg}",
+                                        _PAYLOADS[folder]) for cfg, folder in _CONFIGS.items()}
+    for r in unknown:
+        raise _Refused(f"{root}/{r}", "is not a member torch.export.save writes (only the "
+                                      "program, its configs, raw weight_<n>/tensor_<n> payloads "
+                                      "and the sample inputs are accepted)")
     for cfg, folder in _CONFIGS.items():
-        referenced = _check_config(_json(zf, rel[cfg], f"{root}/{cfg}"), f"{root}/{cfg}",
-                                   _PAYLOADS[folder])
-        for path_name in sorted(referenced - payloads[folder]):
+        for path_name in sorted(referenced[folder] - payloads[folder]):
             raise _Refused(f"{root}/{cfg}", f"references '{path_name}', which is not in the "
                                             "archive")
-        for fname in sorted(payloads[folder] - referenced):
+        for fname in sorted(payloads[folder] - referenced[folder]):
             raise _Refused(f"{root}/{folder}{fname}", "is referenced by no config entry")
     check_program(_json(zf, rel[PROGRAM], f"{root}/{PROGRAM}"), f"{root}/{PROGRAM}")
     return root
@@ -179,14 +181,17 @@ def _check_config(cfg, member: str, payload_name: re.Pattern) -> set[str]:  # no
         where = f"entry {fqn!r}"[:120]
         if not isinstance(meta, dict):
             raise _Refused(member, f"has a malformed {where}")
+        path_name = meta.get("path_name")
+        if isinstance(path_name, str) and path_name.startswith(("custom_obj_", "opaque_obj_")):
+            raise _Refused(member, f"has {where} declaring the object {path_name[:80]!r}: "
+                                   "custom and opaque objects are unpickled with code")
+        if not isinstance(path_name, str) or not payload_name.fullmatch(path_name):
+            raise _Refused(member, f"has {where} with the path_name {str(path_name)[:80]!r} "
+                                   f"(expected {payload_name.pattern}: no folders, no '..')")
         if meta.get("use_pickle") is not False:
             raise _Refused(member, f"has {where} with use_pickle {meta.get('use_pickle')!r}: "
                                    "pickled payloads (tensor subclasses, custom or opaque "
                                    "objects) are never unpickled")
-        path_name = meta.get("path_name")
-        if not isinstance(path_name, str) or not payload_name.fullmatch(path_name):
-            raise _Refused(member, f"has {where} with the path_name {str(path_name)[:80]!r} "
-                                   f"(expected {payload_name.pattern}: no folders, no '..')")
         if not isinstance(meta.get("tensor_meta"), dict):
             raise _Refused(member, f"has {where} without tensor metadata")
         _check_sym_fields(meta["tensor_meta"], member)
