@@ -47,7 +47,8 @@ _OPTIONAL = {"byteorder", ".data/version", ".data/serialization_id"}
 _PAYLOADS = {"data/weights/": re.compile(r"weight_[0-9]{1,7}"),
              "data/constants/": re.compile(r"tensor_[0-9]{1,7}")}
 _CONFIGS = {WEIGHTS_CONFIG: "data/weights/", CONSTANTS_CONFIG: "data/constants/"}
-_ROOT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,199}")
+# torch names the root folder after the file (any name); only what could be a path is refused.
+_ROOT = re.compile(r"(?!\.\.?$)[^/\\\x00-\x1f]{1,200}")
 
 # Call targets a classifier's ATen graph uses (resolved by name with getattr, so anything else
 # is refused rather than resolved).
@@ -264,9 +265,9 @@ def sym_expr_problem(expr) -> str | None:  # noqa: ANN001
                 isinstance(n.value, ast.Constant) and isinstance(n.value.value, bool))):
             return f"passes the keyword {n.arg!r}"
         if isinstance(n, ast.Constant) and not (
-                isinstance(n.value, (int, float)) or (isinstance(n.value, str)
-                                                      and _SYM_WORD.fullmatch(n.value))):
-            return "holds a constant that is not a number or a symbol name"
+                (isinstance(n.value, (int, float)) and abs(n.value) < 2 ** 63)
+                or (isinstance(n.value, str) and _SYM_WORD.fullmatch(n.value))):
+            return "holds a constant that is not a (64-bit) number or a symbol name"
     return None
 
 
