@@ -163,14 +163,14 @@ def _check(zf: zipfile.ZipFile) -> str:
     return root
 
 
-def _json(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: str):  # noqa: ANN202 - any JSON
+def _json(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: str):
     try:
         return json.loads(zf.read(info))
     except (ValueError, RecursionError):
         raise _Refused(member, "is not valid JSON") from None
 
 
-def _check_config(cfg, member: str, payload_name: re.Pattern) -> set[str]:  # noqa: ANN001
+def _check_config(cfg, member: str, payload_name: re.Pattern) -> set[str]:
     """The raw payload files a weights/constants config references. Every entry is raw bytes:
     ``use_pickle`` true (a pickled tensor subclass, an opaque or custom object) is refused, so a
     path_name can never be read both as bytes and as a pickle. Entries may share a path_name:
@@ -200,7 +200,7 @@ def _check_config(cfg, member: str, payload_name: re.Pattern) -> set[str]:  # no
     return referenced
 
 
-def check_program(program, member: str) -> None:  # noqa: ANN001 - parsed JSON
+def check_program(program, member: str) -> None:
     """The parts of ``models/model.json`` that torch turns into code: expressions (sympify),
     call targets (getattr by name), pytree specs (imports) and guards (exec)."""
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
@@ -220,7 +220,7 @@ def check_program(program, member: str) -> None:  # noqa: ANN001 - parsed JSON
                 _check_treespec(node[key], member)
 
 
-def _walk_dicts(obj):  # noqa: ANN001, ANN202 - parsed JSON, a generator of dicts
+def _walk_dicts(obj):
     stack = [obj]
     while stack:
         o = stack.pop()
@@ -231,7 +231,7 @@ def _walk_dicts(obj):  # noqa: ANN001, ANN202 - parsed JSON, a generator of dict
             stack.extend(o)
 
 
-def _check_sym_fields(obj, member: str) -> None:  # noqa: ANN001
+def _check_sym_fields(obj, member: str) -> None:
     for d in _walk_dicts(obj):
         if "expr_str" in d:
             why = sym_expr_problem(d["expr_str"])
@@ -240,7 +240,7 @@ def _check_sym_fields(obj, member: str) -> None:  # noqa: ANN001
                                        f", which {why}")
 
 
-def sym_expr_problem(expr) -> str | None:  # noqa: ANN001
+def sym_expr_problem(expr) -> str | None:
     """Why ``expr`` is not a plain sympy expression of shape symbols, or None. Checked with
     Python's parser: only calls of sympy classes by name, numbers, short words as arguments,
     arithmetic and comparisons; no attributes, subscripts, lambdas or other names."""
