@@ -15,14 +15,14 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .hostile_corpus import CLASSES, _OpensFile, _RunsShell, weights
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mlp_pt2(seed: int = 1) -> bytes:
     """The corpus's MLP (fc1: 64 -> 16, fc2: 16 -> 10 on 1x8x8 images), dynamic batch; its
     state-dict names are the ONNX model's initializer names, so it is also a valid checkpoint."""
@@ -258,6 +258,6 @@ def probe(archives: dict[str, Path], markers: dict[str, Path], *, protect: bool)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_FORCE")}
     args = json.dumps([[n, str(p), str(markers[n])] for n, p in archives.items()])
     r = subprocess.run([sys.executable, "-c", PROBE, "protect" if protect else "plain", args],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, env=env, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
