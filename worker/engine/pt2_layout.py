@@ -209,15 +209,17 @@ def check_program(program, member: str) -> None:
         raise _Refused(member, "carries guards code, which would be executed; export without "
                                "input guards")
     _check_sym_fields(program, member)
-    for node in _walk_dicts(program):
-        if {"target", "inputs", "outputs"} <= node.keys():
-            target = node["target"]
+    for d in _walk_dicts(program):
+        # Every graph (the program's and any nested one) lists its nodes under "nodes".
+        nodes = d.get("nodes") if isinstance(d.get("nodes"), list) else []
+        for node in [d, *nodes] if {"target", "inputs"} <= d.keys() else nodes:
+            target = node.get("target") if isinstance(node, dict) else node
             if not isinstance(target, str) or not _TARGET.fullmatch(target):
                 raise _Refused(member, f"calls {str(target)[:120]!r}, which is not an ATen "
                                        "operator or one of the few Python operators allowed")
         for key in ("in_spec", "out_spec"):
-            if isinstance(node.get(key), str):
-                _check_treespec(node[key], member)
+            if isinstance(d.get(key), str):
+                _check_treespec(d[key], member)
 
 
 def _walk_dicts(obj):
