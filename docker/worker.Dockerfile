@@ -9,7 +9,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    DARE_HOME=/var/lib/dare
+    DARE_HOME=/var/lib/dare TORCH_FORCE_WEIGHTS_ONLY_LOAD=1
 WORKDIR /app
 
 COPY pyproject.toml README.md alembic.ini ./

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery
-from celery.signals import celeryd_init, setup_logging, worker_init, worker_process_init
+# Before anything can load a user's file: every torch.load in the worker is weights-only, even
+# where a library asks for weights_only=False (importing worker.engine sets this too; it is
+# repeated here so the worker never depends on import order). See worker/engine/__init__.py.
+os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
 
-from service.settings import Settings, get_settings
+from celery import Celery  # noqa: E402
+from celery.signals import (celeryd_init, setup_logging, worker_init,  # noqa: E402
+                            worker_process_init)
+
+from service.settings import Settings, get_settings  # noqa: E402
 
 STAGE_TASK_PREFIX = "dare.stage."
 

@@ -135,6 +135,155 @@ def test_pt2_that_would_run_code_is_refused_and_not_run(subjects, tmp_path):
     assert not marker.exists()
 
 
+# The hostile .pt2 corpus (tests/service/hostile_pt2.py): each variant is a real
+# torch.export.save archive edited to run a payload that creates a marker file.
+
+
+@pytest.fixture(scope="module")
+def hostile_pt2():
+    from tests.service import hostile_pt2
+
+    return hostile_pt2
+
+
+def test_weights_only_is_forced_even_where_a_caller_asks_for_pickles(hostile_pt2, tmp_path):
+    """Importing worker.engine set TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 (this test process did, via
+    worker.engine.modelio): torch.load(weights_only=False) of a payload refuses it unrun."""
+    marker = tmp_path / "pwned"
+    evil = hostile_pt2.torch_pickle(_Evil(marker))
+    assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+    with pytest.raises(Exception, match="posix.system|Unsupported global"):
+        torch.load(io.BytesIO(evil), weights_only=False)
+    assert not marker.exists()
+
+
+def test_hostile_pt2_payloads_run_unprotected_and_weights_only_stops_the_pickles(hostile_pt2,
+                                                                               tmp_path):
+    """Plain torch.export.load in a fresh interpreter runs every payload marked live (so a
+    missing marker elsewhere means something). The same loads after ``import worker.engine``,
+    with the archive check bypassed, run none of the pickles read through torch.load; the two
+    that torch reads otherwise (pickle.loads of an opaque constant, sympify of an expression)
+    are what pt2_layout refuses before torch sees the archive."""
+    plain_dir, prot_dir = tmp_path / "plain", tmp_path / "protected"
+    results = {}
+    for d, protect in ((plain_dir, False), (prot_dir, True)):
+        archives = hostile_pt2.write_all(d, d.name)
+        markers = {n: hostile_pt2.marker_for(d, n, d.name) for n in archives}
+        results[protect] = hostile_pt2.probe(archives, markers, protect=protect)
+    assert results[False]["env"] is None and results[True]["env"] == "1"
+    for name, v in hostile_pt2.VARIANTS.items():
+        assert results[False]["ran"][name] == v.live, name
+        assert results[True]["ran"][name] == (v.live and not v.via_torch_load), name
+    assert sum(v.live for v in hostile_pt2.VARIANTS.values()) >= 8
+
+
+def test_engine_refuses_every_hostile_pt2_as_model_and_as_checkpoint(hostile_pt2, tmp_path):
+    good = tmp_path / "good.pt2"
+    good.write_bytes(hostile_pt2.mlp_pt2(0))
+    lm = load_model(good)
+    assert lm.fmt == "pt2" and lm.input_shape == (1, 8, 8) and lm.num_outputs == 10
+    ok = load_history(_zip(tmp_path / "ok.zip", {"epoch_1.pt2": hostile_pt2.mlp_pt2(1)}), lm)
+    assert len(ok) == 1 and set(ok[0].state) == set(lm.name_map.values())
+    ran = []
+    for name, v in hostile_pt2.VARIANTS.items():
+        marker = hostile_pt2.marker_for(tmp_path, name, "engine")
+        bad = tmp_path / f"{name.replace(' ', '-')}.pt2"
+        bad.write_bytes(v.build(marker))
+        e = _err(load_model, bad)
+        assert e.code == "unsafe_model" and bad.name in e.message, (name, e.message)
+        assert all(w in e.message for w in v.words), (name, e.message)
+        e = _err(load_history, _zip(tmp_path / "h.zip", {"epoch_1.pt2": bad.read_bytes()}), lm)
+        assert e.code == "unsafe_checkpoint" and "epoch_1.pt2" in e.message, (name, e.message)
+        assert all(w in e.message for w in v.words), (name, e.message)
+        ran += [name] if marker.exists() else []
+    assert ran == []
+
+
+def test_pt2_layout_accepts_what_torch_writes_tied_weights_and_constants(tmp_path):
+    """Tied weights share one path_name (the saver deduplicates storage) and a tensor created
+    in forward becomes a constant: both are the saver's own layout and are accepted."""
+    from worker.engine.modelio import check_pt2_archive
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 10)
+            self.b = self.a
+
+        def forward(self, x):
+            x = x.flatten(1) + torch.tensor([0.5])
+            return self.a(x) + self.b(x)
+
+    ep = torch.export.export(Tied().eval(), (torch.rand(2, 1, 8, 8),),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, str(tmp_path / "tied.pt2"))
+    with zipfile.ZipFile(tmp_path / "tied.pt2") as z:
+        cfg = json.loads(z.read("tied/data/weights/model_weights_config.json"))["config"]
+        consts = json.loads(z.read("tied/data/constants/model_constants_config.json"))["config"]
+    assert len({m["path_name"] for m in cfg.values()}) < len(cfg) and consts
+    check_pt2_archive(tmp_path / "tied.pt2", "model 'tied.pt2'")
+    assert load_model(tmp_path / "tied.pt2").num_outputs == 10
+
+
+@pytest.mark.parametrize("expr,ok", [
+    ("Symbol('s31', positive=True, integer=True)", True),
+    ("Mul(Integer(2), Symbol('s0', integer=True))", True),
+    ("FloorDiv(s0, 2) + 3*s1 - 1 <= 4096", True),
+    ("__import__('os').system('id')", False),
+    ("open('/tmp/x', 'w')", False),
+    ("Symbol('s0').__class__", False),
+    ("Symbol(eval('1'))", False),
+    ("(lambda: 1)()", False),
+    ("Symbol('s0', integer=__import__('os'))", False),
+    ("exec", False),
+    ("[s0 for s0 in ()]", False),
+])
+def test_sym_expressions_are_an_allow_list(expr, ok):
+    from worker.engine.pt2_layout import sym_expr_problem
+
+    assert (sym_expr_problem(expr) is None) == ok, sym_expr_problem(expr)
+
+
+def test_pt2_layout_refuses_edits_torch_never_makes(hostile_pt2, tmp_path):
+    """Small edits of a real archive, each refused with a message naming the member."""
+    from worker.engine.modelio import check_pt2_archive
+
+    root, rel = hostile_pt2._parts(hostile_pt2.mlp_pt2(0))
+    program = json.loads(rel["models/model.json"])
+
+    def refused(members: dict, extra=()) -> str:
+        p = tmp_path / "edit.pt2"
+        p.write_bytes(hostile_pt2._rebuild(members, root, list(extra)))
+        return _err(check_pt2_archive, p, "model 'edit.pt2'").message
+
+    def with_program(**changes) -> dict:
+        return {**rel, "models/model.json": json.dumps({**program, **changes}).encode()}
+
+    nodes = program["graph_module"]["graph"]["nodes"]
+    evil_nodes = [dict(nodes[0], target="torch.os.system"), *nodes[1:]]
+    graph = dict(program["graph_module"]["graph"], nodes=evil_nodes)
+    assert "torch.os.system" in refused(with_program(
+        graph_module=dict(program["graph_module"], graph=graph)))
+    assert "guards code" in refused(with_program(guards_code=["__import__('os')"]))
+    calls = program["graph_module"]["module_call_graph"]
+    spec = json.dumps([1, {"type": "collections.defaultdict", "context": "{}",
+                           "children_spec": []}])
+    bad_calls = [dict(calls[0], signature=dict(calls[0]["signature"], in_spec=spec)), *calls[1:]]
+    assert "collections.defaultdict" in refused(with_program(
+        graph_module=dict(program["graph_module"], module_call_graph=bad_calls)))
+    enum = json.dumps([1, {"type": "builtins.dict", "context": json.dumps(
+        [{"__enum__": True, "fqn": "os:system", "name": "x"}]), "children_spec": []}])
+    bad_calls = [dict(calls[0], signature=dict(calls[0]["signature"], out_spec=enum)), *calls[1:]]
+    assert "enum" in refused(with_program(
+        graph_module=dict(program["graph_module"], module_call_graph=bad_calls)))
+    assert "missing" in refused({k: v for k, v in rel.items() if k != "archive_format"})
+    assert "weight_0" in refused({k: v for k, v in rel.items() if k != "data/weights/weight_0"})
+    assert "referenced by no config" in refused({**rel, "data/weights/weight_99": b"\0" * 4})
+    assert "data/aotinductor/model/x.so" in refused({**rel, "data/aotinductor/model/x.so": b"\x7fELF"})
+    assert "outside the archive's root" in refused(rel, [("other/x", b"")])
+    assert "twice" in refused(rel, [(f"{root.upper()}/ARCHIVE_FORMAT", b"pt2")])
+
+
 def test_static_batch_pt2_is_refused(tmp_path):
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
     ep = torch.export.export(m, (torch.rand(2, 1, 8, 8),))

@@ -96,6 +96,17 @@ def valid_files() -> dict[str, tuple[str, bytes]]:
             "data": ("data.npz", data_npz())}
 
 
+def valid_pt2_files() -> dict[str, tuple[str, bytes]]:
+    """The same subject as real torch.export archives: a .pt2 model and .pt2 checkpoints, so
+    the .pt2 refusals cannot come from a layout check that refuses what torch writes."""
+    from .hostile_pt2 import mlp_pt2
+
+    return {"model": ("model.pt2", mlp_pt2(0)),
+            "history": ("history.zip", history_zip(
+                {f"epoch_{e}.pt2": mlp_pt2(e) for e in range(1, 4)})),
+            "data": ("data.npz", data_npz())}
+
+
 # --- payloads --------------------------------------------------------------------------------
 
 class _RunsShell:
@@ -205,6 +216,19 @@ def build(tmp: Path, *, max_upload_bytes: int, max_uncompressed: int) -> list[Ca
          code="unsafe_checkpoint", words=("epoch_1.pt", "TorchScript"), deep=True)
     case("TorchScript model", {"model": ("model.pt2", ts)}, code="unsafe_model",
          words=("model.pt2", "TorchScript"))
+    # Hostile .pt2 archives (hostile_pt2.VARIANTS: pickles torch.export.load would run, the
+    # legacy layouts, sympy expressions, ...), each as the model and as a history checkpoint.
+    from . import hostile_pt2
+
+    for vname, v in hostile_pt2.VARIANTS.items():
+        mark = hostile_pt2.marker_for(tmp, vname, "model")
+        case(f"pt2 {vname}, as the model", {"model": ("model.pt2", v.build(mark))},
+             code="unsafe_model", words=("model.pt2", *v.words), deep=True,
+             must_not_exist=(mark,))
+        mark = hostile_pt2.marker_for(tmp, vname, "checkpoint")
+        case(f"pt2 {vname}, as a checkpoint", {"history": ("history.zip", history_zip(
+            {**checkpoints(1), "epoch_2.pt2": v.build(mark)}))}, code="unsafe_checkpoint",
+            words=("epoch_2.pt2", *v.words), deep=True, must_not_exist=(mark,))
     # ONNX external data pointing outside, absolutely, and at a symlink.
     (tmp / "link.bin").unlink(missing_ok=True)
     (tmp / "link.bin").symlink_to("/etc/passwd")  # what the sender's file was; never followed

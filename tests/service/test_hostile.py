@@ -17,6 +17,7 @@ from sqlalchemy import text
 from service.settings import Settings
 
 from . import hostile_corpus as corpus
+from . import hostile_pt2
 from .conftest import FAKE_RUNNER, REDIS_URL, RecordingDispatcher, make_key
 
 PROBLEM = "application/problem+json"
@@ -145,7 +146,7 @@ def test_deep_refusals_and_a_valid_subject(api):
 
     client, settings, cases = api
     deep = [c for c in cases if c.deep]
-    assert len(deep) >= 9
+    assert len(deep) >= 9 + 2 * len(hostile_pt2.VARIANTS)
     before_files, before_jobs = _files_under(settings.home), _job_count(settings)
 
     def one(case: corpus.Case) -> None:
@@ -162,12 +163,19 @@ def test_deep_refusals_and_a_valid_subject(api):
     assert _job_count(settings) == before_jobs
     assert _files_under(settings.home) == before_files
     assert list(settings.upload_tmp_dir.iterdir()) == []
+    markers = [p for c in cases for p in c.must_not_exist if "pwned" in p.name]
+    ran = [p.name for p in markers if p.exists()]
+    print(f"\npayloads tried: {len(markers)}, payloads that ran: {len(ran)} {ran}")
+    assert len([c for c in deep if c.name.startswith("pt2 ")]) == 2 * len(hostile_pt2.VARIANTS)
+    assert ran == []
 
     assert settings.inspection_memory_bytes == 8 << 30
-    r = _post(client, corpus.Case("valid subject", corpus.valid_files()))
-    assert r.status_code == 202, r.text
-    assert r.json()["status"] == "queued"
-    assert _job_count(settings) == before_jobs + 1
+    for name, files in (("valid subject", corpus.valid_files()),
+                        ("valid .pt2 subject", corpus.valid_pt2_files())):
+        r = _post(client, corpus.Case(name, files))
+        assert r.status_code == 202, f"{name}: {r.text}"
+        assert r.json()["status"] == "queued"
+    assert _job_count(settings) == before_jobs + 2
     assert list(settings.upload_tmp_dir.iterdir()) == []
 
 

@@ -1,7 +1,8 @@
 """Load the training history: one zip of per-epoch checkpoints (DESIGN.md, Formats).
 
 Members may be ``.safetensors``, ``.pt``/``.pth`` state dicts (``torch.load(weights_only=True)``
-only: a pickle that needs code is refused, never run), ``.pt2`` archives or ``.onnx`` files; their
+only: a pickle that needs code is refused, never run), ``.pt2`` archives (only in the layout
+``torch.export.save`` writes, :mod:`worker.engine.pt2_layout`) or ``.onnx`` files; their
 tensor names are the model's canonical names (state-dict names for ``.pt2`` models, initializer
 names for ONNX models). The order is the epoch number in the file names (``epoch_3``,
 ``ckpt-12``, ...) or the order of a ``manifest.json`` that lists the files.

@@ -177,19 +177,15 @@ def _check_chw(dims, name: str, where: str) -> tuple[int, int, int]:
 def check_pt2_archive(src, name: str) -> None:
     """Refuse a ``.pt2`` archive whose loading could run code, before ``torch.export.load``.
 
-    ``torch.export.load`` is not safe on untrusted files in torch 2.14: the archive's sample
-    inputs are read with ``torch.load(weights_only=True)`` and, when that fails, *again with
-    weights_only=False* (``torch._export.serde.serialize.deserialize_torch_artifact``); weights
-    and constants marked ``use_pickle`` are read with ``weights_only=False``; custom-object and
-    opaque constants go through ``pickle.loads``. (Checked: a sample-inputs pickle with a
-    ``__reduce__`` calling ``os.system`` runs on ``torch.export.load``.) So every pickled member
-    is first loaded here with ``weights_only=True`` (which refuses such globals without calling
-    them), custom objects and compiled code are refused outright, and only then does torch load it.
+    ``torch.export.load`` is not safe on untrusted files in torch 2.14 (see
+    :mod:`worker.engine.pt2_layout` for the ways it runs code). Two layers, each enough for
+    pickles on its own: ``worker.engine`` forces ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, so every
+    ``torch.load`` torch makes refuses a pickle that needs code; and the archive must be exactly
+    the layout ``torch.export.save`` writes (:func:`worker.engine.pt2_layout.check_layout`), whose
+    one pickle, the sample inputs, is loaded here with ``weights_only=True`` first.
     ``src``: a path or the archive's bytes; ``name``: how messages name it ("model 'm.pt2'").
     """
-    import json
     import pickle
-    import posixpath
     import zipfile
 
     try:
@@ -199,52 +195,37 @@ def check_pt2_archive(src, name: str) -> None:
                          f"{name} is not a readable torch.export archive (not a zip: {e})",
                          _PT2_HINT) from None
 
-    def unsafe(member: str, why: str) -> InputError:
-        return InputError(
-            "unsafe_model",
-            f"{name} cannot be loaded safely: its member '{member}' {why}",
-            "save a plain torch.export program of tensors only (no custom objects, no "
-            "AOTInductor packages): " + _PT2_HINT,
-        )
-
     with zf:
         from .archive_safety import CAPS, check_members, is_torchscript
+        from .pt2_layout import SAMPLE_INPUTS, check_layout
 
         check_members(zf, name, max_total=CAPS.max_total, max_ratio=CAPS.max_ratio, hint=_PT2_HINT)
         names = zf.namelist()
         if is_torchscript(names):
-            raise unsafe(names[0].split("/")[0] + "/code/",
-                         "holds TorchScript code: this is a torch.jit.save archive, whose loading "
-                         "runs the code it carries")
-        raw = set()  # tensor payloads stored as raw bytes, never unpickled
-        for n in names:
-            if n.endswith(("_weights_config.json", "_constants_config.json")):
-                try:
-                    cfg = json.loads(zf.read(n)).get("config", {})
-                except (ValueError, AttributeError):
-                    raise InputError("corrupt_model", f"{name}: '{n}' is not valid JSON",
-                                     _PT2_HINT) from None
-                for meta in cfg.values():
-                    path_name = str(meta.get("path_name", ""))
-                    if path_name.startswith(("custom_obj", "opaque")):
-                        raise unsafe(n, f"declares the custom object '{path_name}', which "
-                                        "needs code to load")
-                    if not meta.get("use_pickle", False):
-                        raw.add(posixpath.join(posixpath.dirname(n), path_name))
-        for n in names:
-            low = n.lower()
-            if "/aotinductor/" in low or low.endswith((".so", ".dll", ".dylib", ".pyd", ".cpp")):
-                raise unsafe(n, "is compiled code")
-            in_data = any(f"/data/{d}/" in f"/{n}" for d in ("weights", "constants", "sample_inputs"))
-            if not in_data or n in raw or low.endswith((".json", "/")):
-                continue
-            try:
-                torch.load(io.BytesIO(zf.read(n)), map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise unsafe(n, f"is a pickle that needs code to load "
-                                f"({str(e).splitlines()[0][:160]})") from None
-            except Exception as e:  # noqa: BLE001
-                raise unsafe(n, f"is not a plain tensor file ({type(e).__name__})") from None
+            raise InputError(
+                "unsafe_model",
+                f"{name} cannot be loaded safely: its member '{names[0].split('/')[0]}/code/' "
+                "holds TorchScript code: this is a torch.jit.save archive, whose loading runs "
+                "the code it carries",
+                "save a plain torch.export program of tensors only: " + _PT2_HINT)
+        member = f"{check_layout(zf, name, _PT2_HINT)}/{SAMPLE_INPUTS}"
+        try:
+            torch.load(io.BytesIO(zf.read(member)), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, or anything a bad file raises
+            why = (f"is a pickle that needs code to load ({_unpickler_reason(e)})"
+                   if isinstance(e, pickle.UnpicklingError)
+                   else f"is not a plain tensor file ({type(e).__name__})")
+            raise InputError(
+                "unsafe_model", f"{name} cannot be loaded safely: its member '{member}' {why}",
+                "save a plain torch.export program of tensors only: " + _PT2_HINT) from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names the global, not its long advice."""
+    import re
+
+    m = re.search(r"(?:WeightsUnpickler error: |\n)([^\n]*(?:GLOBAL|global)[^\n]*)", str(e))
+    return (m.group(1) if m else str(e).splitlines()[0]).strip().split(" Please")[0][:200]
 
 
 def _load_pt2(path: Path) -> LoadedModel:
