@@ -414,6 +414,12 @@ def check_model(f: ReceivedFile, limits: ZipLimits = ZipLimits()) -> str:
         raise InputError("unsafe_model", f"model {f.filename!r} is a TorchScript archive "
                          "(torch.jit.save), whose loading runs the code it carries; it is refused",
                          _FORMAT_HINT["model"])
+    # Only the layout torch.export.save writes (no pickles with code, no custom objects, no
+    # expressions sympy would eval): refused here already, before the inspector sees the file.
+    from worker.engine.pt2_layout import check_layout  # torch-free, like the API
+
+    with zipfile.ZipFile(f.path) as zf:
+        check_layout(zf, f"model {f.filename!r}", _FORMAT_HINT["model"])
     return "pt2"
 
 
