@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload
 
 from . import webhooks
 from .models import Artifact, Job, JobEvent, JobInput
@@ -76,13 +76,18 @@ def create_job(session: Session, *, job_id: uuid.UUID, tenant_id: uuid.UUID, con
 
 
 def get_job(session: Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None,
-            for_update: bool = False) -> Job:
+            for_update: bool = False, with_inputs: bool = False) -> Job:
+    """``with_inputs``: the inputs come in the same statement (a join), for :func:`job_read`;
+    not with ``for_update`` (PostgreSQL cannot lock the nullable side of an outer join)."""
     stmt = select(Job).where(Job.id == job_id)
     if tenant_id is not None:
         stmt = stmt.where(Job.tenant_id == tenant_id)
+    if with_inputs:
+        assert not for_update, "lock the job alone; its inputs never change"
+        stmt = stmt.options(joinedload(Job.inputs))
     if for_update:  # and re-read it: the row may have changed since this session loaded it
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
-    job = session.scalars(stmt).one_or_none()
+    job = session.scalars(stmt).unique().one_or_none()
     if job is None:
         raise JobNotFound(job_id)
     return job
@@ -106,15 +111,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 def list_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[JobStatus] = (),
               limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
-    """The tenant's jobs, newest first. The cursor is the last row's (created_at, id): stable
+    """The tenant's jobs, newest first, with their inputs, in one statement (the page is a
+    subquery the inputs are joined to). The cursor is the last row's (created_at, id): stable
     under inserts (index ix_jobs_tenant_id_created_at_id)."""
-    stmt = select(Job).options(selectinload(Job.inputs)).where(Job.tenant_id == tenant_id)
+    stmt = select(Job).options(joinedload(Job.inputs)).where(Job.tenant_id == tenant_id)
     if statuses:
         stmt = stmt.where(Job.status.in_(list(statuses)))
     if cursor:
         t, i = decode_cursor(cursor)
         stmt = stmt.where(or_(Job.created_at < t, and_(Job.created_at == t, Job.id < i)))
-    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc())
+                                .limit(limit + 1)).unique())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (encode_cursor(rows[-1]) if more and rows else None)
