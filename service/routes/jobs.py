@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import jobs
-from ..deps import CtxDep, JobDep, JobIdPath, PrincipalDep, SessionDep, parse_job_id
+from ..deps import AppContext, CtxDep, JobDep, JobIdPath, PrincipalDep, SessionDep, parse_job_id
 from ..errors import ProblemError, problem_responses
 from ..idempotency import KEY_PATTERN
 from ..schemas import ArtifactRead, EventList, JobList, JobRead
@@ -94,15 +94,18 @@ async def create_job(
 
 
 # The two reads clients poll: async routes that make one trip through the threadpool for one
-# statement in an autocommit session (ctx.read_factory), instead of a trip per dependency.
+# statement (service.jobs.read_job / list_jobs) in an autocommit session (ctx.read_factory),
+# instead of a trip per dependency.
 @router.get("", response_model=JobList, summary="List jobs, newest first",
             responses=problem_responses(422))
 async def list_jobs(
-    ctx: CtxDep, principal: PrincipalDep,
+    request: Request, principal: PrincipalDep,
     status: Annotated[list[JobStatus], Query(description="keep only these statuses (repeatable)")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobList:
+    ctx: AppContext = request.app.state.ctx  # not CtxDep: one dependency less to solve
+
     def read() -> JobList:
         with ctx.read_factory() as session:
             rows, nxt = jobs.list_jobs(session, tenant_id=principal.tenant_id, statuses=status,
@@ -114,13 +117,13 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobRead, summary="One job",
             responses=problem_responses(404))
-async def get_job(job_id: JobIdPath, ctx: CtxDep, principal: PrincipalDep) -> JobRead:
+async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) -> JobRead:
     job_uuid = parse_job_id(job_id)  # another tenant's job is a 404, like a missing one
+    ctx: AppContext = request.app.state.ctx
 
     def read() -> JobRead:
         with ctx.read_factory() as session:
-            return jobs.job_read(jobs.get_job(session, job_uuid, tenant_id=principal.tenant_id,
-                                              with_inputs=True))
+            return jobs.job_read(jobs.read_job(session, job_uuid, tenant_id=principal.tenant_id))
 
     return await run_in_threadpool(read)
 
