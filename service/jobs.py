@@ -13,7 +13,7 @@ import binascii
 import functools
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
@@ -107,9 +107,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 # The two reads clients poll (one job, a page of jobs) skip the ORM, whose bookkeeping costs
-# more than the query: Core rows of just the columns job_read needs, with the inputs joined in
-# the same statement (one round trip), turned into JobView objects that job_read takes like a
-# Job. The inputs are in id order, like Job.inputs.
+# more than the query: Core statements, built once, of just the columns job_read needs, turned
+# into JobView objects that job_read takes like a Job. No lazy loads: one job is one statement
+# (its few inputs joined), a page is two whatever its size (the jobs, then their inputs: a join
+# would repeat, and decode again, each job's JSON columns per input). Inputs are in id order,
+# like Job.inputs; they are written with their job and never change, so the second statement
+# sees exactly the page's.
 _J, _I = Job.__table__, JobInput.__table__
 _VIEW_COLUMNS = ("id", "status", "stages", "stage_name", "stage_index", "stage_progress",
                  "progress", "created_at", "started_at", "finished_at", "error_code",
@@ -130,62 +133,63 @@ class JobView(SimpleNamespace):
     """The :data:`_VIEW_COLUMNS` of a job and its ``inputs`` (InputView), as job_read reads them."""
 
 
-# Built once: building a statement and computing its cache key costs more than running it.
 _READ_ONE = (select(*(_J.c[c] for c in _VIEW_COLUMNS), *_INPUT_COLUMNS)
              .outerjoin(_I, _I.c.job_id == _J.c.id)
              .where(_J.c.id == bindparam("job_id"), _J.c.tenant_id == bindparam("tenant_id"))
              .order_by(_I.c.id))
+_PAGE_INPUTS = (select(_I.c.job_id, *_INPUT_COLUMNS)
+                .where(_I.c.job_id.in_(bindparam("job_ids", expanding=True))).order_by(_I.c.id))
 
 
 def read_job(session: Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID) -> JobView:
-    views = _views(session.execute(_READ_ONE, {"job_id": job_id, "tenant_id": tenant_id}))
-    if not views:
+    view: JobView | None = None
+    for row in session.execute(_READ_ONE, {"job_id": job_id, "tenant_id": tenant_id}).all():
+        m = row._mapping
+        if view is None:
+            view = JobView(**{c: m[c] for c in _VIEW_COLUMNS}, inputs=[])
+        if m["in_field"] is not None:
+            view.inputs.append(_input_view(m))
+    if view is None:
         raise JobNotFound(job_id)
-    return views[0]
+    return view
 
 
 @functools.cache
 def _page_statement(by_status: bool, after_cursor: bool):  # noqa: ANN202 (a Select)
-    """The page query for one combination of filters (four in all), built once."""
-    page = select(*(_J.c[c] for c in _VIEW_COLUMNS)).where(_J.c.tenant_id == bindparam("tenant_id"))
+    """The page query for one combination of filters (four in all), built once: building a
+    statement and computing its cache key costs more than running it."""
+    stmt = select(*(_J.c[c] for c in _VIEW_COLUMNS)).where(_J.c.tenant_id == bindparam("tenant_id"))
     if by_status:
-        page = page.where(_J.c.status.in_(bindparam("statuses", expanding=True)))
+        stmt = stmt.where(_J.c.status.in_(bindparam("statuses", expanding=True)))
     if after_cursor:
-        t, i = bindparam("after_t", type_=_J.c.created_at.type), bindparam("after_id", type_=_J.c.id.type)
-        page = page.where(or_(_J.c.created_at < t, and_(_J.c.created_at == t, _J.c.id < i)))
-    page = (page.order_by(_J.c.created_at.desc(), _J.c.id.desc()).limit(bindparam("limit"))
-            .subquery())
-    return (select(page, *_INPUT_COLUMNS).outerjoin(_I, _I.c.job_id == page.c.id)
-            .order_by(page.c.created_at.desc(), page.c.id.desc(), _I.c.id))
+        t = bindparam("after_t", type_=_J.c.created_at.type)
+        i = bindparam("after_id", type_=_J.c.id.type)
+        stmt = stmt.where(or_(_J.c.created_at < t, and_(_J.c.created_at == t, _J.c.id < i)))
+    return stmt.order_by(_J.c.created_at.desc(), _J.c.id.desc()).limit(bindparam("limit"))
 
 
 def list_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[JobStatus] = (),
               limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
-    """The tenant's jobs, newest first, with their inputs, in one statement (the page is a
-    subquery the inputs are joined to). The cursor is the last row's (created_at, id): stable
-    under inserts (index ix_jobs_tenant_id_created_at_id)."""
+    """The tenant's jobs, newest first, with their inputs. The cursor is the last row's
+    (created_at, id): stable under inserts (index ix_jobs_tenant_id_created_at_id)."""
     params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit + 1}
     if statuses:
         params["statuses"] = list(statuses)
     if cursor:
         params["after_t"], params["after_id"] = decode_cursor(cursor)
-    rows = _views(session.execute(_page_statement(bool(statuses), bool(cursor)), params))
+    rows = session.execute(_page_statement(bool(statuses), bool(cursor)), params).all()
     more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+    views = {r.id: JobView(**r._mapping, inputs=[]) for r in rows[:limit]}
+    if views:
+        for row in session.execute(_PAGE_INPUTS, {"job_ids": list(views)}).all():
+            m = row._mapping
+            views[m["job_id"]].inputs.append(_input_view(m))
+    page = list(views.values())
+    return page, (encode_cursor(page[-1]) if more and page else None)
 
 
-def _views(result: Iterable[Any]) -> list[JobView]:
-    """Rows (job columns + one input's, or NULLs) in job order -> one JobView per job."""
-    views: list[JobView] = []
-    for row in result:
-        m = row._mapping
-        if not views or views[-1].id != m["id"]:
-            views.append(JobView(**{c: m[c] for c in _VIEW_COLUMNS}, inputs=[]))
-        if m["in_field"] is not None:
-            views[-1].inputs.append(InputView(m["in_field"], m["in_filename"], m["in_size"],
-                                              m["in_sha256"]))
-    return views
+def _input_view(m: Any) -> InputView:  # noqa: ANN401 (a RowMapping)
+    return InputView(m["in_field"], m["in_filename"], m["in_size"], m["in_sha256"])
 
 
 def _of_tenant(stmt, job_id_col, tenant_id: uuid.UUID | None):  # noqa: ANN001, ANN202

@@ -45,20 +45,24 @@ def test_a_live_key_is_looked_up_once_then_served_from_the_cache(client):
         for _ in range(3):
             assert client.get("/v1/jobs").status_code == 200
     assert not any("api_keys" in s for s in later), later
-    assert len(later) == 3  # the page itself, one statement per request
+    assert len(later) == 3  # the page itself (no jobs: no inputs to read)
 
 
-def test_get_job_and_list_are_one_statement_each_with_inputs(client, subject_bytes):
+def test_a_job_is_one_statement_and_a_page_two_whatever_its_size(client, subject_bytes):
     files, data = submit_files(subject_bytes)
-    job = client.post("/v1/jobs", files=files, data=data).json()
+    created = [client.post("/v1/jobs", files=files, data=data).json() for _ in range(3)]
+    job = created[0]
     engine = client.app.state.ctx.engine
     with statements(engine) as one:
         got = client.get(f"/v1/jobs/{job['id']}").json()
     with statements(engine) as page:
         listed = client.get("/v1/jobs?limit=5").json()
-    assert len(one) == 1 and len(page) == 1, (one, page)
+    with statements(engine) as small_page:
+        first = client.get("/v1/jobs?limit=1").json()
+    assert len(one) == 1 and len(page) == 2 and len(small_page) == 2, (one, page, small_page)
     assert got == job  # the same object the submission answered, inputs included
-    assert listed["items"] == [job]
+    assert listed["items"] == created[::-1]  # newest first, each with its own inputs
+    assert first["items"] == [created[-1]] and first["next_cursor"]
     assert {i["field"] for i in got["inputs"]} == {"model", "history"}
 
 
