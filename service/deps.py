@@ -6,8 +6,8 @@ that takes a ``JobDep`` is tenant-scoped without saying so.
 
 Reads are kept cheap: a key checked in the last ``auth.KEY_CACHE_TTL_S`` seconds costs no query
 (``AppContext.principals``), dependencies that do no I/O are ``async`` (a sync one is a trip
-through the threadpool), and ``AppContext.read_factory`` gives sessions without a transaction
-on PostgreSQL (no BEGIN/ROLLBACK round trips) for single-statement reads.
+through the threadpool), and ``AppContext.read_engine`` gives Core connections without a
+transaction on PostgreSQL (no BEGIN/ROLLBACK round trips) for the polled reads.
 """
 from __future__ import annotations
 
@@ -39,19 +39,15 @@ class AppContext:
     store: ArtifactStore
     dispatcher: Dispatcher
     principals: PrincipalCache = field(default_factory=PrincipalCache)
-    read_factory: sessionmaker[Session] = field(init=False)
+    read_engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
-        # PostgreSQL: autocommit sessions for reads that are one statement (a snapshot by
+        # PostgreSQL: autocommit connections for reads that are one statement (a snapshot by
         # themselves), so psycopg sends neither BEGIN nor, when the connection goes back to
         # the pool, ROLLBACK. SQLite has no round trips to save (and its transactions are set
-        # up in service.db), so it reads through the ordinary factory.
-        if self.engine.dialect.name == "postgresql":
-            self.read_factory = sessionmaker(
-                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-                expire_on_commit=False)
-        else:
-            self.read_factory = self.factory
+        # up in service.db), so it reads through the engine as it is.
+        self.read_engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                            if self.engine.dialect.name == "postgresql" else self.engine)
 
 
 async def get_ctx(request: Request) -> AppContext:  # async: no threadpool trip for an attribute

@@ -19,7 +19,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select
+from sqlalchemy import Connection, and_, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from . import webhooks
@@ -141,9 +141,9 @@ _PAGE_INPUTS = (select(_I.c.job_id, *_INPUT_COLUMNS)
                 .where(_I.c.job_id.in_(bindparam("job_ids", expanding=True))).order_by(_I.c.id))
 
 
-def read_job(session: Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID) -> JobView:
+def read_job(conn: Connection | Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID) -> JobView:
     view: JobView | None = None
-    for row in session.execute(_READ_ONE, {"job_id": job_id, "tenant_id": tenant_id}).all():
+    for row in conn.execute(_READ_ONE, {"job_id": job_id, "tenant_id": tenant_id}).all():
         m = row._mapping
         if view is None:
             view = JobView(**{c: m[c] for c in _VIEW_COLUMNS}, inputs=[])
@@ -168,8 +168,9 @@ def _page_statement(by_status: bool, after_cursor: bool):  # noqa: ANN202 (a Sel
     return stmt.order_by(_J.c.created_at.desc(), _J.c.id.desc()).limit(bindparam("limit"))
 
 
-def list_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[JobStatus] = (),
-              limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
+def list_jobs(conn: Connection | Session, *, tenant_id: uuid.UUID,
+              statuses: Sequence[JobStatus] = (), limit: int = 20,
+              cursor: str | None = None) -> tuple[list[JobView], str | None]:
     """The tenant's jobs, newest first, with their inputs. The cursor is the last row's
     (created_at, id): stable under inserts (index ix_jobs_tenant_id_created_at_id)."""
     params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit + 1}
@@ -177,11 +178,11 @@ def list_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[JobS
         params["statuses"] = list(statuses)
     if cursor:
         params["after_t"], params["after_id"] = decode_cursor(cursor)
-    rows = session.execute(_page_statement(bool(statuses), bool(cursor)), params).all()
+    rows = conn.execute(_page_statement(bool(statuses), bool(cursor)), params).all()
     more = len(rows) > limit
     views = {r.id: JobView(**r._mapping, inputs=[]) for r in rows[:limit]}
     if views:
-        for row in session.execute(_PAGE_INPUTS, {"job_ids": list(views)}).all():
+        for row in conn.execute(_PAGE_INPUTS, {"job_ids": list(views)}).all():
             m = row._mapping
             views[m["job_id"]].inputs.append(_input_view(m))
     page = list(views.values())

@@ -94,8 +94,8 @@ async def create_job(
 
 
 # The two reads clients poll: async routes that make one trip through the threadpool for one
-# statement (service.jobs.read_job / list_jobs) in an autocommit session (ctx.read_factory),
-# instead of a trip per dependency.
+# or two Core statements (service.jobs.read_job / list_jobs) on an autocommit connection
+# (ctx.read_engine), instead of a trip per dependency.
 @router.get("", response_model=JobList, summary="List jobs, newest first",
             responses=problem_responses(422))
 async def list_jobs(
@@ -107,8 +107,8 @@ async def list_jobs(
     ctx: AppContext = request.app.state.ctx  # not CtxDep: one dependency less to solve
 
     def read() -> JobList:
-        with ctx.read_factory() as session:
-            rows, nxt = jobs.list_jobs(session, tenant_id=principal.tenant_id, statuses=status,
+        with ctx.read_engine.connect() as conn:
+            rows, nxt = jobs.list_jobs(conn, tenant_id=principal.tenant_id, statuses=status,
                                        limit=limit, cursor=cursor)
             return JobList(items=[jobs.job_read(j) for j in rows], next_cursor=nxt)
 
@@ -122,8 +122,8 @@ async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) 
     ctx: AppContext = request.app.state.ctx
 
     def read() -> JobRead:
-        with ctx.read_factory() as session:
-            return jobs.job_read(jobs.read_job(session, job_uuid, tenant_id=principal.tenant_id))
+        with ctx.read_engine.connect() as conn:
+            return jobs.job_read(jobs.read_job(conn, job_uuid, tenant_id=principal.tenant_id))
 
     return await run_in_threadpool(read)
 
