@@ -10,7 +10,15 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import jobs
-from ..deps import AppContext, CtxDep, JobDep, JobIdPath, PrincipalDep, SessionDep, parse_job_id
+from ..deps import (
+    AppContext,
+    CtxDep,
+    JobDep,
+    JobIdPath,
+    PrincipalDep,
+    SessionDep,
+    parse_job_id,
+)
 from ..errors import ProblemError, problem_responses
 from ..idempotency import KEY_PATTERN
 from ..schemas import ArtifactRead, EventList, JobList, JobRead
