@@ -5,6 +5,11 @@ SHA-256: with 256 bits of randomness a fast hash is enough (there is nothing to 
 a slow password hash would only cost time on every request). The first characters after
 ``dare_`` are stored in clear as ``prefix``, to find the row with an index and to name the key
 in ``dare keys list`` / ``dare keys revoke``.
+
+The API remembers a live key's principal for ``KEY_CACHE_TTL_S`` (:class:`PrincipalCache`), so a
+read costs no key lookup. A revocation through :func:`revoke` in the same process empties every
+cache at once; one made by another process (an operator's ``dare keys revoke``) takes effect in
+an API process within ``KEY_CACHE_TTL_S`` seconds.
 """
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +39,11 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A key's last_used_at is written at most this often, so reads do not become writes.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 _KEY_SHAPE = re.compile(r"^dare_[A-Za-z0-9_-]{40,64}$")
+# How long an API process trusts a key it has checked. Bounds how late a revocation made by
+# another process is noticed; short enough for an operator, long enough that steady traffic
+# looks a key up once per period instead of once per request.
+KEY_CACHE_TTL_S = 5.0
+KEY_CACHE_SIZE = 4096  # keys remembered per process (least recently used go first)
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,71 @@ def authenticate(session: Session, key: str) -> Principal | None:
     return None
 
 
+def is_key_shaped(key: str) -> bool:
+    return bool(_KEY_SHAPE.match(key))
+
+
+# Bumped by revoke() (before and after its commit): every PrincipalCache entry remembered under
+# an older value is stale, so a revocation in this process is seen by its next request.
+_revocations = 0
+_revocations_lock = threading.Lock()
+
+
+def _note_revocation(*_args: object) -> None:
+    global _revocations
+    with _revocations_lock:
+        _revocations += 1
+
+
+class PrincipalCache:
+    """Who a key is (SHA-256 of the key -> :class:`Principal`), for ``ttl_s`` seconds; ``None``
+    as the key stands for open mode's principal. Only live keys are remembered: an unknown or
+    revoked key is looked up every time, so a flood of bad keys cannot evict good ones. Thread
+    safe (the lookups run in the threadpool)."""
+
+    def __init__(self, ttl_s: float = KEY_CACHE_TTL_S, size: int = KEY_CACHE_SIZE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.size, self.clock = ttl_s, size, clock
+        self._entries: OrderedDict[str, tuple[float, int, Principal]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def generation() -> int:
+        """Take this before a lookup and hand it to :meth:`put`: a revocation in between
+        makes the entry stale at once."""
+        return _revocations
+
+    def get(self, key: str | None) -> Principal | None:
+        slot = self._slot(key)
+        with self._lock:
+            entry = self._entries.get(slot)
+            if entry is None:
+                return None
+            expires, generation, principal = entry
+            if generation != _revocations or self.clock() >= expires:
+                del self._entries[slot]
+                return None
+            self._entries.move_to_end(slot)
+            return principal
+
+    def put(self, key: str | None, principal: Principal, generation: int) -> None:
+        slot = self._slot(key)
+        with self._lock:
+            self._entries[slot] = (self.clock() + self.ttl_s, generation, principal)
+            self._entries.move_to_end(slot)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    @staticmethod
+    def _slot(key: str | None) -> str:
+        # The digest, not the key: the process keeps no plaintext keys around longer than a request.
+        return "" if key is None else hash_key(key)
+
+
 def open_principal(session: Session) -> Principal:
     """Open mode: every request acts as the "default" tenant."""
     t = ensure_tenant(session, DEFAULT_TENANT)
@@ -149,4 +228,8 @@ def revoke(session: Session, prefix: str) -> ApiKey:
     key = matches[0]
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        # This process's caches forget the key now and again once the revocation is committed
+        # (a request in between may have re-read it as live).
+        _note_revocation()
+        event.listen(session, "after_commit", _note_revocation, once=True)
     return key

@@ -3,20 +3,26 @@
 ``get_principal`` (``PrincipalDep``) authenticates the bearer key; it is a dependency of the whole
 ``/v1`` router, and ``JobDep`` resolves a job id within the caller's tenant only, so every route
 that takes a ``JobDep`` is tenant-scoped without saying so.
+
+Reads are kept cheap: a key checked in the last ``auth.KEY_CACHE_TTL_S`` seconds costs no query
+(``AppContext.principals``), dependencies that do no I/O are ``async`` (a sync one is a trip
+through the threadpool), and ``AppContext.read_engine`` gives Core connections without a
+transaction on PostgreSQL (no BEGIN/ROLLBACK round trips) for the polled reads.
 """
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from .auth import Principal, authenticate, open_principal
+from .auth import Principal, PrincipalCache, authenticate, is_key_shaped, open_principal
 from .dispatch import Dispatcher
 from .errors import ProblemError
 from .jobs import JobNotFound, get_job
@@ -32,9 +38,19 @@ class AppContext:
     factory: sessionmaker[Session]
     store: ArtifactStore
     dispatcher: Dispatcher
+    principals: PrincipalCache = field(default_factory=PrincipalCache)
+    read_engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        # PostgreSQL: autocommit connections for reads that are one statement (a snapshot by
+        # themselves), so psycopg sends neither BEGIN nor, when the connection goes back to
+        # the pool, ROLLBACK. SQLite has no round trips to save (and its transactions are set
+        # up in service.db), so it reads through the engine as it is.
+        self.read_engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                            if self.engine.dialect.name == "postgresql" else self.engine)
 
 
-def get_ctx(request: Request) -> AppContext:
+async def get_ctx(request: Request) -> AppContext:  # async: no threadpool trip for an attribute
     return request.app.state.ctx
 
 
@@ -58,22 +74,40 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_principal(ctx: CtxDep, session: SessionDep, credentials: BearerDep) -> Principal:
-    """401 unless the request carries a live key (in open mode: the "default" tenant). The
-    session's transaction ends here, so no connection idles in a transaction during an upload."""
-    try:
-        if ctx.settings.auth == "open":
-            principal = open_principal(session)
-        else:
-            if credentials is None:
-                raise _unauthorized("this request has no `Authorization: Bearer <key>` header")
-            principal = authenticate(session, credentials.credentials)
-            if principal is None:
-                raise _unauthorized("the API key is unknown or revoked")
-        session.commit()  # open mode's tenant, a key's last_used_at
-    except BaseException:
-        session.rollback()
-        raise
+async def get_principal(request: Request, credentials: BearerDep) -> Principal:
+    """401 unless the request carries a live key (in open mode: the "default" tenant). A key
+    seen in the last KEY_CACHE_TTL_S seconds is answered from ``ctx.principals`` without a
+    query; otherwise it is looked up in a session of its own, whose transaction ends before the
+    route runs (no connection idles in a transaction during an upload). It reads the app's
+    context from ``request`` rather than through ``CtxDep``: each dependency costs a little
+    on every request, and this one runs on all of them."""
+    ctx: AppContext = request.app.state.ctx
+    if ctx.settings.auth == "open":
+        key = None
+    else:
+        if credentials is None:
+            raise _unauthorized("this request has no `Authorization: Bearer <key>` header")
+        key = credentials.credentials
+        if not is_key_shaped(key):
+            raise _unauthorized("the API key is unknown or revoked")
+    principal = ctx.principals.get(key)
+    if principal is None:
+        generation = ctx.principals.generation()
+        principal = await run_in_threadpool(_look_up, ctx.factory, key)
+        if principal is None:
+            raise _unauthorized("the API key is unknown or revoked")
+        ctx.principals.put(key, principal, generation)
+    return principal
+
+
+def _look_up(factory: sessionmaker[Session], key: str | None) -> Principal | None:
+    with factory() as session:
+        try:
+            principal = open_principal(session) if key is None else authenticate(session, key)
+            session.commit()  # open mode's tenant, a key's last_used_at
+        except BaseException:
+            session.rollback()
+            raise
     return principal
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from . import webhooks
@@ -116,7 +118,7 @@ def set_status(session: Session, job: Job, target: JobStatus, *,
 
 # --- pages ----------------------------------------------------------------------------------
 
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job | JobView) -> str:
     raw = json.dumps({"t": job.created_at.isoformat(), "i": str(job.id)}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
@@ -130,20 +132,91 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidCursor(cursor) from None
 
 
-def list_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[JobStatus] = (),
-              limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
-    """The tenant's jobs, newest first. The cursor is the last row's (created_at, id): stable
-    under inserts (index ix_jobs_tenant_id_created_at_id)."""
-    stmt = select(Job).options(selectinload(Job.inputs)).where(Job.tenant_id == tenant_id)
+# The two reads clients poll (one job, a page of jobs) skip the ORM, whose bookkeeping costs
+# more than the query: Core statements, built once, of just the columns job_read needs, turned
+# into JobView objects that job_read takes like a Job. No lazy loads: one job is one statement
+# (its few inputs joined), a page is two whatever its size (the jobs, then their inputs: a join
+# would repeat, and decode again, each job's JSON columns per input). Inputs are in id order,
+# like Job.inputs; they are written with their job and never change, so the second statement
+# sees exactly the page's.
+_J, _I = Job.__table__, JobInput.__table__
+_VIEW_COLUMNS = ("id", "status", "stages", "stage_name", "stage_index", "stage_progress",
+                 "progress", "created_at", "started_at", "finished_at", "error_code",
+                 "error_message", "error_stage", "result", "config")
+_INPUT_COLUMNS = (_I.c.field.label("in_field"), _I.c.filename.label("in_filename"),
+                  _I.c.size.label("in_size"), _I.c.sha256.label("in_sha256"))
+
+
+@dataclass(slots=True)
+class InputView:
+    field: str
+    filename: str
+    size: int
+    sha256: str
+
+
+class JobView(SimpleNamespace):
+    """The :data:`_VIEW_COLUMNS` of a job and its ``inputs`` (InputView), as job_read reads them."""
+
+
+_READ_ONE = (select(*(_J.c[c] for c in _VIEW_COLUMNS), *_INPUT_COLUMNS)
+             .outerjoin(_I, _I.c.job_id == _J.c.id)
+             .where(_J.c.id == bindparam("job_id"), _J.c.tenant_id == bindparam("tenant_id"))
+             .order_by(_I.c.id))
+_PAGE_INPUTS = (select(_I.c.job_id, *_INPUT_COLUMNS)
+                .where(_I.c.job_id.in_(bindparam("job_ids", expanding=True))).order_by(_I.c.id))
+
+
+def read_job(conn: Connection | Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID) -> JobView:
+    view: JobView | None = None
+    for row in conn.execute(_READ_ONE, {"job_id": job_id, "tenant_id": tenant_id}).all():
+        m = row._mapping
+        if view is None:
+            view = JobView(**{c: m[c] for c in _VIEW_COLUMNS}, inputs=[])
+        if m["in_field"] is not None:
+            view.inputs.append(_input_view(m))
+    if view is None:
+        raise JobNotFound(job_id)
+    return view
+
+
+@functools.cache
+def _page_statement(by_status: bool, after_cursor: bool):  # noqa: ANN202 (a Select)
+    """The page query for one combination of filters (four in all), built once: building a
+    statement and computing its cache key costs more than running it."""
+    stmt = select(*(_J.c[c] for c in _VIEW_COLUMNS)).where(_J.c.tenant_id == bindparam("tenant_id"))
+    if by_status:
+        stmt = stmt.where(_J.c.status.in_(bindparam("statuses", expanding=True)))
+    if after_cursor:
+        t = bindparam("after_t", type_=_J.c.created_at.type)
+        i = bindparam("after_id", type_=_J.c.id.type)
+        stmt = stmt.where(or_(_J.c.created_at < t, and_(_J.c.created_at == t, _J.c.id < i)))
+    return stmt.order_by(_J.c.created_at.desc(), _J.c.id.desc()).limit(bindparam("limit"))
+
+
+def list_jobs(conn: Connection | Session, *, tenant_id: uuid.UUID,
+              statuses: Sequence[JobStatus] = (), limit: int = 20,
+              cursor: str | None = None) -> tuple[list[JobView], str | None]:
+    """The tenant's jobs, newest first, with their inputs. The cursor is the last row's
+    (created_at, id): stable under inserts (index ix_jobs_tenant_id_created_at_id)."""
+    params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit + 1}
     if statuses:
-        stmt = stmt.where(Job.status.in_(list(statuses)))
+        params["statuses"] = list(statuses)
     if cursor:
-        t, i = decode_cursor(cursor)
-        stmt = stmt.where(or_(Job.created_at < t, and_(Job.created_at == t, Job.id < i)))
-    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+        params["after_t"], params["after_id"] = decode_cursor(cursor)
+    rows = conn.execute(_page_statement(bool(statuses), bool(cursor)), params).all()
     more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+    views = {r.id: JobView(**r._mapping, inputs=[]) for r in rows[:limit]}
+    if views:
+        for row in conn.execute(_PAGE_INPUTS, {"job_ids": list(views)}).all():
+            m = row._mapping
+            views[m["job_id"]].inputs.append(_input_view(m))
+    page = list(views.values())
+    return page, (encode_cursor(page[-1]) if more and page else None)
+
+
+def _input_view(m: Any) -> InputView:  # noqa: ANN401 (a RowMapping)
+    return InputView(m["in_field"], m["in_filename"], m["in_size"], m["in_sha256"])
 
 
 def _of_tenant(stmt, job_id_col, tenant_id: uuid.UUID | None):  # noqa: ANN001, ANN202
@@ -196,7 +269,7 @@ def request_cancel(session: Session, job_id: uuid.UUID, *,
 
 # --- reading --------------------------------------------------------------------------------
 
-def job_urls(job: Job) -> dict[str, str]:
+def job_urls(job: Job | JobView) -> dict[str, str]:
     base = f"/v1/jobs/{job.id}"
     urls = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
             "artifacts": f"{base}/artifacts"}
@@ -207,7 +280,7 @@ def job_urls(job: Job) -> dict[str, str]:
     return urls
 
 
-def job_read(job: Job) -> JobRead:
+def job_read(job: Job | JobView) -> JobRead:
     stages = job.stages or []
     if job.stage_name is None and stages:  # queued: show the stage it will start with
         stage = StageRead(name=stages[0], index=0, total=len(stages), progress=0.0)

@@ -11,7 +11,15 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import jobs
 from ..admission import admit
-from ..deps import CtxDep, JobDep, PrincipalDep, SessionDep
+from ..deps import (
+    AppContext,
+    CtxDep,
+    JobDep,
+    JobIdPath,
+    PrincipalDep,
+    SessionDep,
+    parse_job_id,
+)
 from ..errors import ProblemError, problem_responses
 from ..idempotency import KEY_PATTERN
 from ..inspection import inspect_submission
@@ -108,23 +116,39 @@ async def create_job(
     return jobs.job_read(done.job)
 
 
+# The two reads clients poll: async routes that make one trip through the threadpool for one
+# or two Core statements (service.jobs.read_job / list_jobs) on an autocommit connection
+# (ctx.read_engine), instead of a trip per dependency.
 @router.get("", response_model=JobList, summary="List jobs, newest first",
             responses=problem_responses(422))
-def list_jobs(
-    session: SessionDep, principal: PrincipalDep,
+async def list_jobs(
+    request: Request, principal: PrincipalDep,
     status: Annotated[list[JobStatus], Query(description="keep only these statuses (repeatable)")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobList:
-    rows, nxt = jobs.list_jobs(session, tenant_id=principal.tenant_id, statuses=status,
-                               limit=limit, cursor=cursor)
-    return JobList(items=[jobs.job_read(j) for j in rows], next_cursor=nxt)
+    ctx: AppContext = request.app.state.ctx  # not CtxDep: one dependency less to solve
+
+    def read() -> JobList:
+        with ctx.read_engine.connect() as conn:
+            rows, nxt = jobs.list_jobs(conn, tenant_id=principal.tenant_id, statuses=status,
+                                       limit=limit, cursor=cursor)
+            return JobList(items=[jobs.job_read(j) for j in rows], next_cursor=nxt)
+
+    return await run_in_threadpool(read)
 
 
 @router.get("/{job_id}", response_model=JobRead, summary="One job",
             responses=problem_responses(404))
-def get_job(job: JobDep) -> JobRead:
-    return jobs.job_read(job)
+async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) -> JobRead:
+    job_uuid = parse_job_id(job_id)  # another tenant's job is a 404, like a missing one
+    ctx: AppContext = request.app.state.ctx
+
+    def read() -> JobRead:
+        with ctx.read_engine.connect() as conn:
+            return jobs.job_read(jobs.read_job(conn, job_uuid, tenant_id=principal.tenant_id))
+
+    return await run_in_threadpool(read)
 
 
 @router.get("/{job_id}/events", response_model=EventList, summary="The job's history",

@@ -1,0 +1,121 @@
+"""Reads are cheap, and stay correct: a live key is looked up once per KEY_CACHE_TTL_S, a
+revocation by another process (an operator's `dare keys revoke`) locks the key out within that
+time, the polled reads are one statement each, and a pooled connection whose server went away
+while it idled is replaced, not handed to a request (no ping on every checkout any more)."""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import event, text
+
+from service import db
+from service.auth import KEY_CACHE_TTL_S, PREFIX_CHARS, Principal, PrincipalCache
+
+from .conftest import REPO, dare_cmd, make_key, service_env, submit_files
+
+
+@contextmanager
+def statements(engine) -> Iterator[list[str]]:  # noqa: ANN001
+    """The SQL the engine sends for requests while the block runs (the API's own periodic
+    threads, reconciler and webhook sender, use the same engine: not counted)."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001
+        if not threading.current_thread().name.startswith("background"):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_live_key_is_looked_up_once_then_served_from_the_cache(client):
+    engine = client.app.state.ctx.engine
+    with statements(engine) as first:
+        assert client.get("/v1/jobs").status_code == 200
+    assert any("api_keys" in s for s in first)
+    with statements(engine) as later:
+        for _ in range(3):
+            assert client.get("/v1/jobs").status_code == 200
+    assert not any("api_keys" in s for s in later), later
+    assert len(later) == 3  # the page itself (no jobs: no inputs to read)
+
+
+def test_a_job_is_one_statement_and_a_page_two_whatever_its_size(client, subject_bytes):
+    files, data = submit_files(subject_bytes)
+    created = [client.post("/v1/jobs", files=files, data=data).json() for _ in range(3)]
+    job = created[0]
+    engine = client.app.state.ctx.engine
+    with statements(engine) as one:
+        got = client.get(f"/v1/jobs/{job['id']}").json()
+    with statements(engine) as page:
+        listed = client.get("/v1/jobs?limit=5").json()
+    with statements(engine) as small_page:
+        first = client.get("/v1/jobs?limit=1").json()
+    assert len(one) == 1 and len(page) == 2 and len(small_page) == 2, (one, page, small_page)
+    assert got == job  # the same object the submission answered, inputs included
+    assert listed["items"] == created[::-1]  # newest first, each with its own inputs
+    assert first["items"] == [created[-1]] and first["next_cursor"]
+    assert {i["field"] for i in got["inputs"]} == {"model", "history"}
+
+
+def test_a_key_revoked_by_another_process_fails_within_the_ttl(client, clean_db, tmp_path):
+    key = make_key(client.app.state.ctx.factory, "t-revoke")
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/jobs", headers=auth).status_code == 200  # now cached
+    env = service_env(DARE_HOME=str(tmp_path), DARE_DATABASE_URL=clean_db)
+    r = subprocess.run(dare_cmd("keys", "revoke", key[:5 + PREFIX_CHARS]), check=False,
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    revoked_at = time.monotonic()
+    # Another process cannot reach this one's cache: the key may work until its entry expires,
+    # never longer.
+    while time.monotonic() - revoked_at < KEY_CACHE_TTL_S + 0.5:
+        time.sleep(0.25)
+    got = client.get("/v1/jobs", headers=auth)
+    assert got.status_code == 401, got.text
+    assert got.json()["code"] == "unauthorized"
+
+
+def test_the_cache_expires_forgets_on_revocation_and_stays_bounded():
+    now = [0.0]
+    cache = PrincipalCache(ttl_s=5, size=2, clock=lambda: now[0])
+    p = Principal(tenant_id=uuid.uuid4(), tenant="t")
+    keys = [f"dare_{c * 43}" for c in "abc"]
+    cache.put(keys[0], p, cache.generation())
+    assert cache.get(keys[0]) == p
+    now[0] = 5.0
+    assert cache.get(keys[0]) is None  # expired
+    for k in keys:
+        cache.put(k, p, cache.generation())
+    assert cache.get(keys[0]) is None and cache.get(keys[2]) == p  # least recently used went
+    stale = cache.generation()
+    from service.auth import _note_revocation
+
+    _note_revocation()  # what revoke() does in this process
+    assert cache.get(keys[2]) is None
+    cache.put(keys[1], p, stale)  # looked up before the revocation: not trusted
+    assert cache.get(keys[1]) is None
+
+
+def test_a_connection_whose_server_went_away_while_idle_is_replaced(pg_url, monkeypatch):
+    engine = db.make_engine(pg_url)
+    try:
+        with engine.connect() as admin:  # held throughout: the pool's other connection
+            with engine.connect() as c:
+                pid = c.execute(text("SELECT pg_backend_pid()")).scalar()
+            # c's connection now idles in the pool; its server process goes away
+            admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            admin.commit()
+            monkeypatch.setattr(db, "PING_IDLE_AFTER_S", 0.0)  # every pooled one is "idle"
+            with engine.connect() as c:
+                assert c.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+    finally:
+        engine.dispose()
