@@ -26,6 +26,7 @@ different quantity.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Callable
 
 import torch
@@ -148,7 +149,7 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
     eval mode. splits: ``data.Splits`` (x in [0, 1], (N, C, H, W)).
 
     Returns ``{"protocol", "eps", "n_samples", "clean", "clean_on_samples", "attacks",
-    "sanity_checks", "pgd_curve"}``; ``clean`` is measured on the whole test split (it decides the
+    "sanity_checks", "pgd_curve", "timings_s"}`` (``timings_s``: seconds per attack, all models); ``clean`` is measured on the whole test split (it decides the
     clean-accuracy budget), ``clean_on_samples`` on the attacked points. See the module docstring
     for the per-attack numbers. ``seed`` chooses the points; the attacks' own randomness (PGD's
     random start, JSMA's targets) is seeded by their parameters, which the report records.
@@ -180,12 +181,24 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
     clean_on_samples = {k: accuracy(m, x, y, bs) for k, m in models.items()}
 
     attacks: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    aa_checks: list[dict] = []
     for name in cfg.attacks:
-        if cfg.protocol == "fixed_eps":
+        t0 = time.perf_counter()
+        if name == "autoattack":
+            # AutoAttack has a budget; under ``minimal`` there is none to give it.
+            if cfg.protocol == "fixed_eps":
+                attacks[name] = _autoattack(models, names, x, y, eps, cfg, seed, dev, meter,
+                                            cancelled, aa_checks)
+            else:
+                meter.tick(n * runs_per_attack)
+        elif cfg.protocol == "fixed_eps":
             attacks[name] = _fixed_eps(name, models, names, x, y, splits.name, cfg, dev, meter,
                                        cancelled)
         else:
             attacks[name] = _minimal(name, models, names, x, y, cfg, meter, cancelled)
+        if name in attacks:
+            timings[name] = time.perf_counter() - t0
 
     # The sanity checks depend on the models, the points, the seed and the L-inf budget, not on the
     # protocol: a caller that evaluates the same models again under the other protocol passes the
@@ -204,7 +217,8 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
     progress(1.0)
     return {"protocol": cfg.protocol, "eps": eps if cfg.protocol == "fixed_eps" else None,
             "n_samples": n, "clean": clean, "clean_on_samples": clean_on_samples,
-            "attacks": attacks, "sanity_checks": sanity, "pgd_curve": curve,
+            "attacks": attacks, "sanity_checks": sanity + aa_checks, "pgd_curve": curve,
+            "timings_s": timings,
             "sanity": {"key": key, "sanity_checks": sanity, "pgd_curve": curve}}
 
 
@@ -268,3 +282,37 @@ def _minimal(name, models, names, x, y, cfg, meter, cancelled) -> dict:
     return {"params": params, "n": n,
             "original_accuracy": float((adv_pred[keep] == yk).float().mean()) if n else None,
             "per_model": per_model}
+
+
+def _autoattack(models, names, x, y, eps, cfg, seed, dev, meter, cancelled, checks_out) -> dict:
+    """AutoAttack against the original (its adversarial examples also give the transfer figure)
+    and, when adaptive, against every hardened model. Robust accuracy is the original's: a point
+    counts when it is clean-correct and no sub-attack broke it."""
+    from .attacks import autoattack as aa
+
+    version = cfg.autoattack.version
+
+    def run(model):
+        res = aa.run_autoattack(model, x, y, eps=eps, version=version, seed=seed,
+                                batch_size=cfg.batch_size, device=dev, tick=meter.tick,
+                                cancelled=cancelled)
+        # count / n, as the original computes it (a float32 mean differs in the last bits)
+        return res, int(res["robust"].sum()) / len(x)
+
+    orig, orig_acc = run(models["original"])
+    checks_out += [{**c, "name": f"original: {c['name']}"} for c in orig["checks"]]
+    breakdown = {"original": orig["breakdown"]}
+    per_model = {}
+    for k in names:
+        transfer = accuracy(models[k], orig["x_adv"], y, cfg.batch_size)
+        adaptive = None
+        if cfg.adaptive:
+            res, adaptive = run(models[k])
+            checks_out += [{**c, "name": f"{k}: {c['name']}"} for c in res["checks"]]
+            breakdown[k] = res["breakdown"]
+        per_model[k] = {"transfer_er": transfer, "adaptive_accuracy": adaptive,
+                        "breakdown": breakdown.get(k)}
+    params = {**aa.params(eps=eps, version=version, seed=seed, n_classes=orig["n_classes"]),
+              "threat_model": "fixed_eps"}
+    return {"params": params, "n": len(x), "original_accuracy": orig_acc,
+            "per_model": per_model, "breakdown": breakdown}

@@ -116,11 +116,15 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         attacks[a] = {"params": dict(r["params"]), "n": r["n"],
                       "original_accuracy": r["original_accuracy"],
                       "transfer_er": pm["transfer_er"], "adaptive_accuracy": pm["adaptive_accuracy"]}
+        if "breakdown" in r:
+            # AutoAttack: robust accuracy after each sub-attack, for both models.
+            attacks[a]["breakdown"] = {"original": r["breakdown"].get("original"),
+                                       "hardened": pm.get("breakdown")}
     report = {
         "schema_version": SCHEMA_VERSION,
         "config": config,
         "versions": versions,
-        "timings_s": dict(timings_s),
+        "timings_s": {**dict(timings_s), **_attack_timings(evaluation)},
         "clean_accuracy": {"original": orig, "hardened": hard, "drop": orig - hard,
                            "budget": clean_drop_limit,
                            "within_budget": within_budget(orig, hard, clean_drop_limit)},
@@ -135,6 +139,22 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         "pgd_curve": evaluation.get("pgd_curve"),
     }
     return _jsonable(report)
+
+
+def _attack_timings(evaluation: dict) -> dict:
+    # AutoAttack's cost is stated on its own: it is most of the evaluate stage's time.
+    t = (evaluation.get("timings_s") or {}).get("autoattack")
+    return {} if t is None else {"autoattack": t}
+
+
+def headline_attack(attacks: dict) -> str | None:
+    """``"autoattack"`` when AutoAttack measured both models: its robust accuracy is the headline
+    (the verdict and the report's first tile); None: the mean over the attacks instead."""
+    a = attacks.get("autoattack")
+    if isinstance(a, dict) and a.get("original_accuracy") is not None \
+            and a.get("adaptive_accuracy") is not None:
+        return "autoattack"
+    return None
 
 
 def versions() -> dict:
@@ -152,6 +172,7 @@ def versions() -> dict:
     cuda = torch.cuda.is_available()
     return {"torch": torch.__version__, "python": platform.python_version(), "onnx": v("onnx"),
             "onnxruntime": v("onnxruntime"), "torchattacks": v("torchattacks"),
+            "pyautoattack": v("pyautoattack"),
             "platform": platform.platform(), "cuda": torch.version.cuda if cuda else None,
             "gpu": torch.cuda.get_device_name(0) if cuda else None}
 

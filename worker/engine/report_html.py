@@ -24,6 +24,8 @@ import json
 import math
 from html import escape
 
+from .report import headline_attack
+
 # Okabe-Ito. The hardened model is always blue: light for transfer, dark for adaptive.
 ORIGINAL = "#E69F00"  # orange
 TRANSFER = "#56B4E9"  # sky blue
@@ -312,7 +314,23 @@ def headline(report: dict) -> str:
     # (adaptive), over the attacks where both were measured.
     pairs = [(_num(a.get("original_accuracy")), _num(a.get("adaptive_accuracy"))) for a in attacks.values()]
     pairs = [(o, h) for o, h in pairs if o is not None and h is not None]
-    if pairs:
+    aa = attacks.get("autoattack", {})
+    rob_title = "Robustness (adaptive attack)"
+    if headline_attack(attacks):
+        # AutoAttack's robust accuracy is the headline: the field's standard number.
+        before, after = _num(aa["original_accuracy"]), _num(aa["adaptive_accuracy"])
+        delta = after - before
+        raised = delta > _RAISE_TOL
+        word = "RAISED" if raised else ("NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
+        version = _dict(aa.get("params")).get("version", "standard")
+        rob_title = f"Robustness (AutoAttack, {version})"
+        rob = (True if raised else False, word,
+               f"AutoAttack robust accuracy {_pct(before)} → {_pct(after)} ({_pts(delta)})"
+               f" on {aa.get('n', 'n/a')} points.")
+        rob_sentence = (f"raised AutoAttack robust accuracy from {_pct(before)} to {_pct(after)}"
+                        if raised else f"did not raise AutoAttack robust accuracy "
+                        f"({_pct(before)} → {_pct(after)})")
+    elif pairs:
         before, after = _mean([o for o, _ in pairs]), _mean([h for _, h in pairs])
         delta = after - before
         raised = delta > _RAISE_TOL
@@ -351,7 +369,7 @@ def headline(report: dict) -> str:
         san = (None, "NONE RUN", "No sanity checks were run.")
 
     tiles = []
-    for title, (ok, word, text) in (("Robustness (adaptive attack)", rob),
+    for title, (ok, word, text) in ((rob_title, rob),
                                     ("Clean accuracy", clean), ("Sanity checks", san)):
         cls = "na" if ok is None else "good" if ok else "bad"
         tiles.append(f'<div class="tile {cls}"><div class="tt">{_e(title)}</div>'
@@ -401,6 +419,27 @@ def sanity_section(checks: list) -> str:
         f'<li>{_badge(c.get("passed"))} <b>{_e(c.get("name"))}</b>: {_e(c.get("detail", ""))}</li>'
         for c in checks) + "</ul></details>")
     return "".join(out)
+
+
+def autoattack_section(aa: dict, method: str) -> str:
+    """Robust accuracy after each AutoAttack sub-attack (cumulative: each attacks only the points
+    the previous ones left robust), original and hardened side by side."""
+    params = _dict(aa.get("params"))
+    bd = _dict(aa.get("breakdown"))
+    cols = [("original", _dict(bd.get("original"))), (method, _dict(bd.get("hardened")))]
+    steps: list[str] = []
+    for _, d in cols:
+        steps += [k for k in d if k not in steps]
+    head = "".join(f"<th>{_e(m)}</th>" for m, _ in cols)
+    rows = "".join(f"<tr><th class=\"rowh\">{_e('clean' if k == 'clean' else 'after ' + k.upper())}"
+                   f"</th>{''.join(f'<td>{_pct(d.get(k))}</td>' for _, d in cols)}</tr>"
+                   for k in steps)
+    return (f'<p class="help">{_e(params.get("note", "AutoAttack"))}; L-inf eps '
+            f'{_e(params.get("eps", "n/a"))}, {_e(params.get("n_target_classes", "n/a"))} target '
+            f'classes, seed {_e(params.get("seed", "n/a"))}, {_e(params.get("implementation", ""))}. '
+            'Each sub-attack attacks only the points the previous ones left robust.</p>'
+            f'<table class="matrix" data-table="autoattack"><thead><tr><th>robust accuracy</th>'
+            f'{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 
 def comparison_section(comp: dict, method: str = "") -> str:
@@ -552,6 +591,11 @@ def render_html(report: dict) -> str:
     else:
         parts.append('<section class="card"><h2>Accuracy under attack</h2>'
                      '<p class="muted">No attack results were recorded.</p></section>')
+
+    if headline_attack(attacks):
+        parts.append('<section class="card" id="autoattack"><h2>AutoAttack, sub-attack by '
+                     'sub-attack</h2>' + autoattack_section(_dict(attacks["autoattack"]), method)
+                     + "</section>")
 
     comp = report.get("comparison")
     comp = comp if isinstance(comp, dict) and comp else None
