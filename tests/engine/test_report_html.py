@@ -241,9 +241,16 @@ def test_webhook_url_in_the_config_is_redacted():
 
 def test_headline_verdicts():
     rep = _load()
-    page = render_html(rep)  # DARE went 44.5% -> 47.5% mean adaptive over the five attacks
-    assert "RAISED" in page and "WITHIN BUDGET" in page and "77 / 78 PASSED" in page
-    assert "44.5% → 47.5%" in page
+    page = render_html(rep)  # DARE went 44.5% -> 47.5% mean adaptive over the five attacks:
+    # +3 points with overlapping 95% intervals is a tie, not a rise
+    assert ">TIE<" in page and "RAISED" not in page
+    assert "WITHIN BUDGET" in page and "77 / 78 PASSED" in page
+    assert "44.5% → 47.5%" in page and "within the sampling noise" in page
+
+    better = copy.deepcopy(rep)
+    for a in better["attacks"].values():
+        a["adaptive_accuracy"] = min(1.0, (a["original_accuracy"] or 0.0) + 0.3)
+    assert ">RAISED<" in render_html(better)
 
     worse = copy.deepcopy(rep)
     for a in worse["attacks"].values():

@@ -60,6 +60,9 @@ class EvaluationConfig(_Strict):
     n_samples: int = Field(500, ge=1, le=100000)
     adaptive: bool = True
     eps: float | None = Field(None, gt=0, le=1, description="override the dataset's L-inf budget")
+    cw_l2_radius: float | None = Field(
+        None, gt=0, le=1000, description="fixed_eps: a C&W example counts only within this L2 "
+                                         "distance (default: the dataset's, see attacks/budgets.py)")
     batch_size: int = Field(250, ge=1, le=8192)
 
     @field_validator("attacks")

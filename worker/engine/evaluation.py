@@ -149,7 +149,8 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
     eval mode. splits: ``data.Splits`` (x in [0, 1], (N, C, H, W)).
 
     Returns ``{"protocol", "eps", "n_samples", "clean", "clean_on_samples", "attacks",
-    "sanity_checks", "pgd_curve", "timings_s"}`` (``timings_s``: seconds per attack, all models); ``clean`` is measured on the whole test split (it decides the
+    "sanity_checks", "pgd_curve", "timings_s", "n_test"}`` (``timings_s``: seconds per attack, all
+    models); ``clean`` is measured on the whole test split of ``n_test`` points (it decides the
     clean-accuracy budget), ``clean_on_samples`` on the attacked points. See the module docstring
     for the per-attack numbers. ``seed`` chooses the points; the attacks' own randomness (PGD's
     random start, JSMA's targets) is seeded by their parameters, which the report records.
@@ -216,33 +217,74 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
             curve[k] = accs
     progress(1.0)
     return {"protocol": cfg.protocol, "eps": eps if cfg.protocol == "fixed_eps" else None,
-            "n_samples": n, "clean": clean, "clean_on_samples": clean_on_samples,
+            "n_samples": n, "n_test": len(splits.x_test), "clean": clean,
+            "clean_on_samples": clean_on_samples,
             "attacks": attacks, "sanity_checks": sanity + aa_checks, "pgd_curve": curve,
             "timings_s": timings,
             "sanity": {"key": key, "sanity_checks": sanity, "pgd_curve": curve}}
 
 
+def l2_stats(model, x, x_adv, y, batch_size: int) -> dict:
+    """Median and quartiles of the L2 norms of the successful (misclassified) perturbations."""
+    ok = predict(model, x_adv, batch_size) != y.cpu()
+    norms = (x_adv - x).flatten(1).norm(dim=1)[ok]
+    if len(norms) == 0:
+        return {"n_successful": 0, "median": None, "q1": None, "q3": None}
+    q = torch.quantile(norms.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.double))
+    return {"n_successful": int(ok.sum()), "q1": float(q[0]), "median": float(q[1]),
+            "q3": float(q[2])}
+
+
+def bound_l2(x: torch.Tensor, x_adv: torch.Tensor, radius: float) -> torch.Tensor:
+    """``x_adv`` where its L2 distance to ``x`` is within ``radius``, else ``x`` (the attack failed
+    within the budget: the point is scored on its clean image)."""
+    within = (x_adv - x).flatten(1).norm(dim=1) <= radius
+    return torch.where(within.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
+
+
 def _fixed_eps(name, models, names, x, y, dataset, cfg, dev, meter, cancelled) -> dict:
     api = _attacks_api()
     kw = attack_kwargs(name, cfg.eps)
-    atk = api.make_attack(name, models["original"], dataset=dataset, **kw)
-    x_adv = run_batched(atk, x, y, batch_size=cfg.batch_size, device=dev, tick=meter.tick,
-                        cancelled=cancelled)
+    bounded = name == "cw"
+    if bounded:
+        radius, source = api.budgets.cw_l2_radius(dataset, x.shape[1:])
+        if cfg.cw_l2_radius is not None:
+            radius, source = cfg.cw_l2_radius, "evaluation.cw_l2_radius in the job's config"
+    l2 = {}
+
+    def attack(k):
+        atk = api.make_attack(name, models[k], dataset=dataset, **kw)
+        adv = run_batched(atk, x, y, batch_size=cfg.batch_size, device=dev, tick=meter.tick,
+                          cancelled=cancelled)
+        if bounded:
+            l2[k] = l2_stats(models[k], x, adv, y, cfg.batch_size)
+            adv = bound_l2(x, adv, radius)
+        return atk, adv
+
+    atk, x_adv = attack("original")
     per_model = {}
     for k in names:
         transfer = accuracy(models[k], x_adv, y, cfg.batch_size)
         adaptive = None
         if cfg.adaptive:
-            own = api.make_attack(name, models[k], dataset=dataset, **kw)
-            adaptive = accuracy(models[k], run_batched(own, x, y, batch_size=cfg.batch_size,
-                                                       device=dev, tick=meter.tick,
-                                                       cancelled=cancelled), y, cfg.batch_size)
+            adaptive = accuracy(models[k], attack(k)[1], y, cfg.batch_size)
         per_model[k] = {"transfer_er": transfer, "adaptive_accuracy": adaptive}
+        if bounded:
+            per_model[k]["l2_perturbation"] = l2.get(k)
     params = {**atk.params(), "threat_model": "fixed_eps",
               "accuracy": "plain accuracy on the adversarial examples of all n points"}
-    return {"params": params, "n": len(x),
-            "original_accuracy": accuracy(models["original"], x_adv, y, cfg.batch_size),
-            "per_model": per_model}
+    out = {"params": params, "n": len(x),
+           "original_accuracy": accuracy(models["original"], x_adv, y, cfg.batch_size),
+           "per_model": per_model}
+    if bounded:
+        params.update({"l2_radius": radius, "l2_radius_source": source,
+                       "accuracy": "plain accuracy on all n points, an adversarial example counting "
+                                   "only within l2_radius of its clean image (else the clean image "
+                                   "is scored)"})
+        out["l2_perturbation"] = {"original": l2["original"],
+                                  "note": "L2 norms of the successful perturbations of the "
+                                          "unbounded attack: n_successful, median, quartiles"}
+    return out
 
 
 def _minimal(name, models, names, x, y, cfg, meter, cancelled) -> dict:

@@ -13,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 
+from .stats import wilson
+
 SCHEMA_VERSION = 1
 RULE = "highest mean adaptive robust accuracy within the clean budget"
 RULE_NO_ADAPTIVE = ("highest mean transfer ER within the clean budget "
@@ -23,6 +25,11 @@ REPORT_KEYS = ("schema_version", "config", "versions", "timings_s", "clean_accur
 EXTRA_KEYS = ("protocol", "method", "pgd_curve")
 ATTACK_KEYS = ("params", "n", "original_accuracy", "transfer_er", "adaptive_accuracy")
 CLEAN_KEYS = ("original", "hardened", "drop", "budget", "within_budget")
+# Additions that keep schema 1 (a reader of the keys above is unaffected): every attack's Wilson
+# 95 % intervals; bounded C&W's perturbation sizes; AutoAttack's per-sub-attack breakdown; the
+# clean accuracies' n and intervals.
+ATTACK_EXTRA_KEYS = ("ci95", "l2_perturbation", "breakdown")
+CLEAN_EXTRA_KEYS = ("n", "ci95")
 METHOD_KEYS = ("clean_accuracy", "within_budget", "attacks", "mean_transfer_er",
                "mean_adaptive_accuracy")
 _EPS = 1e-12  # a drop of exactly the budget is within it, whatever float rounding says
@@ -116,6 +123,13 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         attacks[a] = {"params": dict(r["params"]), "n": r["n"],
                       "original_accuracy": r["original_accuracy"],
                       "transfer_er": pm["transfer_er"], "adaptive_accuracy": pm["adaptive_accuracy"]}
+        # Sampling uncertainty: every accuracy with its Wilson 95 % interval on the attack's n.
+        attacks[a]["ci95"] = {k: wilson(attacks[a][k], r["n"])
+                              for k in ("original_accuracy", "transfer_er", "adaptive_accuracy")}
+        if "l2_perturbation" in r:
+            # bounded C&W: the size of the successful perturbations, both models
+            attacks[a]["l2_perturbation"] = {**r["l2_perturbation"],
+                                             "hardened": pm.get("l2_perturbation")}
         if "breakdown" in r:
             # AutoAttack: robust accuracy after each sub-attack, for both models.
             attacks[a]["breakdown"] = {"original": r["breakdown"].get("original"),
@@ -127,7 +141,10 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         "timings_s": {**dict(timings_s), **_attack_timings(evaluation)},
         "clean_accuracy": {"original": orig, "hardened": hard, "drop": orig - hard,
                            "budget": clean_drop_limit,
-                           "within_budget": within_budget(orig, hard, clean_drop_limit)},
+                           "within_budget": within_budget(orig, hard, clean_drop_limit),
+                           "n": evaluation.get("n_test"),
+                           "ci95": {"original": wilson(orig, evaluation.get("n_test")),
+                                    "hardened": wilson(hard, evaluation.get("n_test"))}},
         "attacks": attacks,
         "sanity_checks": [{"name": c["name"], "passed": bool(c["passed"]), "detail": c["detail"]}
                           for c in evaluation["sanity_checks"]],

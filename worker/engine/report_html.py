@@ -25,6 +25,7 @@ import math
 from html import escape
 
 from .report import headline_attack
+from .stats import overlaps, wilson
 
 # Okabe-Ito. The hardened model is always blue: light for transfer, dark for adaptive.
 ORIGINAL = "#E69F00"  # orange
@@ -147,10 +148,21 @@ def attack_chart(attacks: dict) -> str:
                                  fill=MUTED))
                 continue
             h = ph * _clamp01(v)
+            ci = wilson(v, a.get("n") if isinstance(a.get("n"), int) else None)
+            ci_txt = "" if ci is None else f" (95% interval {_pct(ci[0])} to {_pct(ci[1])})"
             out.append(f'<rect x="{x + 2:.1f}" y="{top + ph - h:.1f}" width="{bw - 4:.1f}" '
                        f'height="{h:.1f}" fill="{color}"><title>{_e(name.upper())}, '
-                       f'{_e(label)}: {_pct(v)}</title></rect>')
-            out.append(_text(x + bw / 2, top + ph - h - 5, _pct(v, 0), size=11, anchor="middle"))
+                       f'{_e(label)}: {_pct(v)}{_e(ci_txt)}</title></rect>')
+            label_y = top + ph - h - 5
+            if ci is not None:  # the Wilson 95 % interval as a whisker
+                y_lo, y_hi = top + ph * (1 - ci[0]), top + ph * (1 - ci[1])
+                cx_ = x + bw / 2
+                out.append(f'<g class="ci" stroke="{INK}" stroke-width="1.2">'
+                           f'<line x1="{cx_:.1f}" y1="{y_lo:.1f}" x2="{cx_:.1f}" y2="{y_hi:.1f}"/>'
+                           f'<line x1="{cx_ - 4:.1f}" y1="{y_lo:.1f}" x2="{cx_ + 4:.1f}" y2="{y_lo:.1f}"/>'
+                           f'<line x1="{cx_ - 4:.1f}" y1="{y_hi:.1f}" x2="{cx_ + 4:.1f}" y2="{y_hi:.1f}"/></g>')
+                label_y = min(label_y, y_hi - 4)
+            out.append(_text(x + bw / 2, label_y, _pct(v, 0), size=11, anchor="middle"))
         cx = left + gw * (i + 0.5)
         out.append(_text(cx, top + ph + 20, name.upper(), size=13, anchor="middle", weight="bold"))
         n = a.get("n")
@@ -199,6 +211,21 @@ def clean_chart(ca: dict, method: str) -> str:
     return "".join(out)
 
 
+def tick_rows(xs: list[float], labels: list[str], char_px: float = 6.5, gap: float = 6) -> list[int | None]:
+    """The row (0 or 1) of each axis label so that no two on a row overlap (close epsilons such
+    as 0.0157 and 0.0275 would print on top of each other), None for a label that fits on
+    neither row (its tick stays)."""
+    ends = [-1e9, -1e9]  # right edge of the last label on each row
+    rows: list[int | None] = []
+    for x, label in zip(xs, labels):
+        half = len(label) * char_px / 2
+        row = next((r for r in (0, 1) if x - half >= ends[r] + gap), None)
+        if row is not None:
+            ends[row] = x + half
+        rows.append(row)
+    return rows
+
+
 def pgd_chart(curve: dict, method: str, attack_eps: float | None,
               recommended: str | None = None) -> str:
     """Robust accuracy over the L-inf epsilon of PGD. The original model and the reported method
@@ -211,8 +238,8 @@ def pgd_chart(curve: dict, method: str, attack_eps: float | None,
     styles = {"original": (ORIGINAL, 3.0, ""), method: (HARDENED, 3.0, "")}
     if recommended and recommended not in styles:
         styles[recommended] = (RECOMMENDED, 2.5, "")
-    width, height = 520, 300
-    left, right, top, bottom = 56, 14, 14, 50
+    width, height = 520, 312
+    left, right, top, bottom = 56, 14, 14, 62
     pw, ph = width - left - right, height - top - bottom
     xmax = max(eps) or 1.0
 
@@ -227,8 +254,12 @@ def pgd_chart(curve: dict, method: str, attack_eps: float | None,
         out.append(f'<line x1="{left}" y1="{py(t / 100):.1f}" x2="{left + pw}" y2="{py(t / 100):.1f}" '
                    f'stroke="{GRID}"/>')
         out.append(_text(left - 6, py(t / 100) + 4, f"{t}%", size=11, anchor="end", fill=MUTED))
-    for e in eps:
-        out.append(_text(px(e), top + ph + 16, f"{e:g}", size=11, anchor="middle", fill=MUTED))
+    for e, row in zip(eps, tick_rows([px(e) for e in eps], [f"{e:g}" for e in eps])):
+        out.append(f'<line x1="{px(e):.1f}" y1="{top + ph}" x2="{px(e):.1f}" y2="{top + ph + 4}" '
+                   f'stroke="{MUTED}"/>')
+        if row is not None:
+            out.append(_text(px(e), top + ph + 16 + 13 * row, f"{e:g}", size=11, anchor="middle",
+                             fill=MUTED))
     if attack_eps is not None and 0 < attack_eps <= xmax:
         out.append(f'<line x1="{px(attack_eps):.1f}" y1="{top}" x2="{px(attack_eps):.1f}" '
                    f'y2="{top + ph}" stroke="{MUTED}" stroke-dasharray="2 3"/>')
@@ -316,31 +347,38 @@ def headline(report: dict) -> str:
     pairs = [(o, h) for o, h in pairs if o is not None and h is not None]
     aa = attacks.get("autoattack", {})
     rob_title = "Robustness (adaptive attack)"
-    if headline_attack(attacks):
-        # AutoAttack's robust accuracy is the headline: the field's standard number.
-        before, after = _num(aa["original_accuracy"]), _num(aa["adaptive_accuracy"])
+    if headline_attack(attacks) or pairs:
+        if headline_attack(attacks):
+            # AutoAttack's robust accuracy is the headline: the field's standard number.
+            before, after = _num(aa["original_accuracy"]), _num(aa["adaptive_accuracy"])
+            n = aa.get("n") if isinstance(aa.get("n"), int) else None
+            what = "AutoAttack robust accuracy"
+            rob_title = f"Robustness (AutoAttack, {_dict(aa.get('params')).get('version', 'standard')})"
+            where = f" on {n if n is not None else 'n/a'} points"
+        else:
+            before, after = _mean([o for o, _ in pairs]), _mean([h for _, h in pairs])
+            # the mean over attacks pools their points (an approximation: the same points recur)
+            ns = [a.get("n") for a in attacks.values() if isinstance(a.get("n"), int)
+                  and _num(a.get("adaptive_accuracy")) is not None]
+            n = sum(ns) if ns else None
+            what = "mean adaptive robust accuracy"
+            where = f" over {len(pairs)} attack{'s' if len(pairs) != 1 else ''}"
         delta = after - before
-        raised = delta > _RAISE_TOL
-        word = "RAISED" if raised else ("NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
-        version = _dict(aa.get("params")).get("version", "standard")
-        rob_title = f"Robustness (AutoAttack, {version})"
-        rob = (True if raised else False, word,
-               f"AutoAttack robust accuracy {_pct(before)} → {_pct(after)} ({_pts(delta)})"
-               f" on {aa.get('n', 'n/a')} points.")
-        rob_sentence = (f"raised AutoAttack robust accuracy from {_pct(before)} to {_pct(after)}"
-                        if raised else f"did not raise AutoAttack robust accuracy "
-                        f"({_pct(before)} → {_pct(after)})")
-    elif pairs:
-        before, after = _mean([o for o, _ in pairs]), _mean([h for _, h in pairs])
-        delta = after - before
-        raised = delta > _RAISE_TOL
-        word = "RAISED" if raised else ("NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
-        rob = (True if raised else False, word,
-               f"Mean adaptive robust accuracy {_pct(before)} → {_pct(after)} ({_pts(delta)}) "
-               f"over {len(pairs)} attack{'s' if len(pairs) != 1 else ''}.")
-        rob_sentence = (f"raised mean adaptive robust accuracy from {_pct(before)} to {_pct(after)}"
-                        if raised else f"did not raise mean adaptive robust accuracy "
-                        f"({_pct(before)} → {_pct(after)})")
+        ci_b, ci_a = wilson(before, n), wilson(after, n)
+        tie = overlaps(ci_b, ci_a)
+        raised = delta > _RAISE_TOL and not tie
+        word = ("TIE" if tie else "RAISED" if raised else
+                "NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
+        ci_txt = ("" if ci_b is None else
+                  f" 95% intervals {_pct(ci_b[0])}–{_pct(ci_b[1])} and {_pct(ci_a[0])}–{_pct(ci_a[1])}"
+                  + (" overlap: the difference is within the sampling noise." if tie else " do not overlap."))
+        rob = (None if tie else raised, word,
+               f"{what[0].upper()}{what[1:]} {_pct(before)} → {_pct(after)} ({_pts(delta)}){where}."
+               + ci_txt)
+        rob_sentence = (f"raised {what} from {_pct(before)} to {_pct(after)}" if raised else
+                        f"changed {what} by no more than the sampling noise ({_pct(before)} → "
+                        f"{_pct(after)}, overlapping 95% intervals)" if tie else
+                        f"did not raise {what} ({_pct(before)} → {_pct(after)})")
     else:
         transfer = _mean([_num(a.get("transfer_er")) for a in attacks.values()])
         rob = (None, "NOT MEASURED", "Adaptive attacks were not run, so robustness against an "
@@ -419,6 +457,27 @@ def sanity_section(checks: list) -> str:
         f'<li>{_badge(c.get("passed"))} <b>{_e(c.get("name"))}</b>: {_e(c.get("detail", ""))}</li>'
         for c in checks) + "</ul></details>")
     return "".join(out)
+
+
+def cw_note(cw: dict, method: str) -> str:
+    """Bounded C&W: its radius, where the radius comes from, and how large the successful
+    perturbations of the unbounded attack were."""
+    params = _dict(cw.get("params"))
+    if _num(params.get("l2_radius")) is None:
+        return ""
+
+    def q(d):
+        d = _dict(d)
+        if _num(d.get("median")) is None:
+            return "none succeeded"
+        return (f"median L2 {d['median']:.3f} (quartiles {_num(d.get('q1')) or 0:.3f} to "
+                f"{_num(d.get('q3')) or 0:.3f}) over {_e(d.get('n_successful'))} points")
+
+    st = _dict(cw.get("l2_perturbation"))
+    return (f'<p class="help" id="cw-bound">C&amp;W (L2) counts an example as broken only within '
+            f'L2 radius {params["l2_radius"]:.3f} ({_e(params.get("l2_radius_source", ""))}). '
+            f'Successful perturbations, original: {_e(q(st.get("original")))}; {_e(method)}: '
+            f'{_e(q(st.get("hardened")))}.</p>')
 
 
 def autoattack_section(aa: dict, method: str) -> str:
@@ -587,7 +646,7 @@ def render_html(report: dict) -> str:
                      "(transfer, the paper's Empirical Robustness). Dark blue: the attack re-run "
                      'against the hardened model itself (adaptive; the honest number).</p>'
                      + _legend([(label, c) for _, label, c in SERIES]) + attack_chart(attacks)
-                     + "</section>")
+                     + cw_note(_dict(attacks.get("cw")), method) + "</section>")
     else:
         parts.append('<section class="card"><h2>Accuracy under attack</h2>'
                      '<p class="muted">No attack results were recorded.</p></section>')
