@@ -45,7 +45,7 @@ def _report(comparison=None, **kw) -> dict:
 
 def test_report_keys_match_schema_1_exactly():
     rep = _report()
-    assert set(rep) == set(R.REPORT_KEYS) | {"protocol", "method", "pgd_curve"}
+    assert set(rep) == set(R.REPORT_KEYS) | {"protocol", "method", "pgd_curve", "threat_model"}
     assert rep["schema_version"] == 1
     assert set(rep["clean_accuracy"]) == {"original", "hardened", "drop", "budget", "within_budget",
                                           "n", "ci95"}

@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import EvaluationConfig
 from .errors import Cancelled
+from .threat import attacking_check, budget_check, linf_budget
 
 LINF_ATTACKS = ("fgsm", "bim", "pgd")
 SANITY_MAX_SAMPLES = 100  # the sanity checks run 5+ extra attacks per model: a subset is enough
@@ -170,7 +171,8 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
     x, y = splits.x_test[idx], splits.y_test[idx]
     n = len(x)
     bs = cfg.batch_size
-    eps = cfg.eps if cfg.eps is not None else float(api.default_params("pgd", splits.name)["eps"])
+    threat = linf_budget(cfg.eps, splits.name, splits.x_test)
+    eps = threat["eps"]
     grid = pgd_eps_grid(eps)
     n_sanity = min(n, SANITY_MAX_SAMPLES)
 
@@ -194,13 +196,23 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
             else:
                 meter.tick(n * runs_per_attack)
         elif cfg.protocol == "fixed_eps":
-            attacks[name] = _fixed_eps(name, models, names, x, y, splits.name, cfg, dev, meter,
+            attacks[name] = _fixed_eps(name, models, names, x, y, splits.name, cfg, eps, dev, meter,
                                        cancelled)
         else:
             attacks[name] = _minimal(name, models, names, x, y, cfg, meter, cancelled)
         if name in attacks:
             timings[name] = time.perf_counter() - t0
 
+    # The threat model's own checks: a budget that cannot move a pixel, attacks that change nothing.
+    changed = {a: r["changed_predictions"] for a, r in attacks.items() if "changed_predictions" in r}
+    threat_checks = [{**budget_check(eps, threat["intensity_step"]), "model": "original"}]
+    if changed:
+        threat_checks.append(attacking_check(changed))
+    threat_checks = [{"name": f"original: {c['name']}", "passed": c["passed"], "detail": c["detail"]}
+                     for c in threat_checks]
+    if cfg.protocol == "fixed_eps" and "cw" in attacks:
+        cw = attacks["cw"]["params"]
+        threat.update(cw_l2_radius=cw["l2_radius"], cw_l2_source=cw["l2_radius_source"])
     # The sanity checks depend on the models, the points, the seed and the L-inf budget, not on the
     # protocol: a caller that evaluates the same models again under the other protocol passes the
     # first result's ``sanity`` block back instead of paying for them twice.
@@ -209,17 +221,21 @@ def evaluate(original: nn.Module, hardened: dict[str, nn.Module], splits, cfg: E
     if reuse_sanity is not None and reuse_sanity.get("key") == key:
         sanity, curve = reuse_sanity["sanity_checks"], reuse_sanity["pgd_curve"]
     else:
-        sanity, curve = [], {"eps": grid}
+        sanity, curve = list(threat_checks), {"eps": grid}
         for k, m in models.items():
             checks, accs = run_sanity(m, x[:n_sanity], y[:n_sanity], splits.name, eps=eps, device=dev,
                                       batch_size=bs, tick=meter.tick, cancelled=cancelled)
             sanity += [{**c, "name": f"{k}: {c['name']}"} for c in checks]
             curve[k] = accs
     progress(1.0)
-    return {"protocol": cfg.protocol, "eps": eps if cfg.protocol == "fixed_eps" else None,
+    return {"threat_model": {"linf_eps": eps, "linf_source": threat["source"],
+                             "intensity_step": threat["intensity_step"],
+                             **{k: v for k, v in threat.items() if k.startswith("cw_")}},
+            "protocol": cfg.protocol, "eps": eps if cfg.protocol == "fixed_eps" else None,
             "n_samples": n, "n_test": len(splits.x_test), "clean": clean,
             "clean_on_samples": clean_on_samples,
-            "attacks": attacks, "sanity_checks": sanity + aa_checks, "pgd_curve": curve,
+            "attacks": attacks, "sanity_checks": sanity + aa_checks,
+            "pgd_curve": curve,
             "timings_s": timings,
             "sanity": {"key": key, "sanity_checks": sanity, "pgd_curve": curve}}
 
@@ -242,9 +258,9 @@ def bound_l2(x: torch.Tensor, x_adv: torch.Tensor, radius: float) -> torch.Tenso
     return torch.where(within.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
 
 
-def _fixed_eps(name, models, names, x, y, dataset, cfg, dev, meter, cancelled) -> dict:
+def _fixed_eps(name, models, names, x, y, dataset, cfg, eps, dev, meter, cancelled) -> dict:
     api = _attacks_api()
-    kw = attack_kwargs(name, cfg.eps)
+    kw = attack_kwargs(name, eps)
     bounded = name == "cw"
     if bounded:
         radius, source = api.budgets.cw_l2_radius(dataset, x.shape[1:])
@@ -275,7 +291,9 @@ def _fixed_eps(name, models, names, x, y, dataset, cfg, dev, meter, cancelled) -
               "accuracy": "plain accuracy on the adversarial examples of all n points"}
     out = {"params": params, "n": len(x),
            "original_accuracy": accuracy(models["original"], x_adv, y, cfg.batch_size),
-           "per_model": per_model}
+           "per_model": per_model,
+           "changed_predictions": int((predict(models["original"], x_adv, cfg.batch_size)
+                                       != predict(models["original"], x, cfg.batch_size)).sum())}
     if bounded:
         params.update({"l2_radius": radius, "l2_radius_source": source,
                        "accuracy": "plain accuracy on all n points, an adversarial example counting "
@@ -356,5 +374,7 @@ def _autoattack(models, names, x, y, eps, cfg, seed, dev, meter, cancelled, chec
                         "breakdown": breakdown.get(k)}
     params = {**aa.params(eps=eps, version=version, seed=seed, n_classes=orig["n_classes"]),
               "threat_model": "fixed_eps"}
+    clean_ok = int(round(orig["breakdown"]["clean"] * len(x)))
     return {"params": params, "n": len(x), "original_accuracy": orig_acc,
-            "per_model": per_model, "breakdown": breakdown}
+            "per_model": per_model, "breakdown": breakdown,
+            "changed_predictions": clean_ok - int(orig["robust"].sum())}

@@ -22,7 +22,7 @@ RULE_NO_ADAPTIVE = ("highest mean transfer ER within the clean budget "
 
 REPORT_KEYS = ("schema_version", "config", "versions", "timings_s", "clean_accuracy", "attacks",
                "sanity_checks", "slicing", "mining", "comparison")
-EXTRA_KEYS = ("protocol", "method", "pgd_curve")
+EXTRA_KEYS = ("protocol", "method", "pgd_curve", "threat_model")
 ATTACK_KEYS = ("params", "n", "original_accuracy", "transfer_er", "adaptive_accuracy")
 CLEAN_KEYS = ("original", "hardened", "drop", "budget", "within_budget")
 # Additions that keep schema 1 (a reader of the keys above is unaffected): every attack's Wilson
@@ -154,6 +154,8 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         "protocol": evaluation["protocol"],
         "method": chosen,
         "pgd_curve": evaluation.get("pgd_curve"),
+        # every budget with its source (config, dataset, or derived from the data)
+        "threat_model": evaluation.get("threat_model"),
     }
     return _jsonable(report)
 
