@@ -71,3 +71,46 @@ def test_close_epsilon_labels_do_not_overlap():
         for b in boxes[i + 1:]:
             assert a[0] != b[0] or a[2] <= b[1] or b[2] <= a[1], (a, b)
     assert tick_rows([0, 100, 105], ["0", "0.0157", "0.0275"]) == [0, 0, 1]
+
+
+def test_comparison_marks_methods_within_the_intervals_as_ties():
+    from worker.engine.report_html import comparison_section
+
+    def m(v):
+        return {"clean_accuracy": 0.9, "within_budget": True, "attacks": {},
+                "mean_transfer_er": v, "mean_adaptive_accuracy": v}
+
+    comp = {"methods": {"dare": m(0.47), "at_pgd": m(0.48), "at_fgsm": m(0.20)},
+            "recommended": "at_pgd", "rule": "r"}
+    html = comparison_section(comp, "dare", n=497)
+    rows = {r.split("</td>")[0]: r for r in html.split("<tr")[2:]}
+    assert "tie with the best" in next(r for k, r in rows.items() if ">dare" in k)
+    assert "tie with the best" not in next(r for k, r in rows.items() if ">at_fgsm" in k)
+    assert "tie with the best" not in comparison_section(comp, "dare", n=None)
+
+
+def test_minimal_protocol_reports_perturbation_sizes_and_a_budget_curve():
+    from worker.engine.config import EvaluationConfig
+    from worker.engine.evaluation import evaluate
+    from worker.engine.report import build_report
+
+    from .test_evaluation import digits_and_model
+
+    splits, model = digits_and_model()
+    ev = evaluate(model, {"h": model}, splits,
+                  EvaluationConfig(protocol="minimal", attacks=["fgsm", "cw"], n_samples=10), seed=0)
+    rep = build_report(config={}, versions={}, timings_s={}, evaluation=ev, chosen="h",
+                       clean_drop_limit=0.1, slicing={}, mining={}, comparison=None)
+    for name, norm in (("fgsm", "linf"), ("cw", "l2")):
+        mp = rep["attacks"][name]["minimal_perturbation"]
+        assert mp["norm"] == norm
+        o, h = mp["original"], mp["hardened"]
+        assert o["n"] == rep["attacks"][name]["n"] and o["q1"] <= o["median"] <= o["q3"]
+        # the same model as "hardened": the same perturbation sizes
+        assert h["median"] == pytest.approx(o["median"], rel=1e-3, abs=1e-4)
+        curve = mp["curve"]
+        assert len(curve["budget"]) == len(curve["original"]) == len(curve["hardened"])
+        assert all(b <= a for a, b in zip(curve["original"], curve["original"][1:]))
+        assert curve["original"][-1] == 0.0  # at the largest size seen, every kept point falls
+    html = render_html(rep)
+    assert 'data-chart="minimal-fgsm"' in html and "minimal L2 perturbation" in html

@@ -310,6 +310,7 @@ def _minimal(name, models, names, x, y, cfg, meter, cancelled) -> dict:
     orig = models["original"]
     x_adv, ok = run_minimal_batched(name, orig, x, y, batch_size=cfg.batch_size, tick=meter.tick,
                                     cancelled=cancelled)
+    norm_name = MINIMAL_NORMS[name]
     # Keep clean-correct points whose adversarial example the original really misclassifies here:
     # a minimal perturbation sits on the boundary, so the attack's own success flag and this
     # forward pass can disagree in the last bit; deciding by one set of predictions makes
@@ -318,20 +319,30 @@ def _minimal(name, models, names, x, y, cfg, meter, cancelled) -> dict:
     keep = ok & (predict(orig, x, cfg.batch_size) == y) & (adv_pred != y)
     xk, yk, x_adv_k = x[keep], y[keep], x_adv[keep]
     n = int(keep.sum())
+    # The size of each kept point's minimal perturbation: what distinguishes models here (an
+    # unbounded attack succeeds on almost every point, so its success rate says little).
+    sizes = {"original": perturbation_norms(norm_name, xk, x_adv_k)}
     per_model = {}
     for k in names:
         transfer = accuracy(models[k], x_adv_k, yk, cfg.batch_size) if n else None
         adaptive = None
         if cfg.adaptive:
             if n:
-                _, ok_h = run_minimal_batched(name, models[k], xk, yk, batch_size=cfg.batch_size,
-                                              tick=meter.tick, cancelled=cancelled)
+                xa_h, ok_h = run_minimal_batched(name, models[k], xk, yk, batch_size=cfg.batch_size,
+                                                 tick=meter.tick, cancelled=cancelled)
                 # A point counts as robust when the hardened model gets it right clean and the
                 # minimal attack fails on it.
-                robust = (~ok_h) & (predict(models[k], xk, cfg.batch_size) == yk)
+                right = predict(models[k], xk, cfg.batch_size) == yk
+                robust = (~ok_h) & right
                 adaptive = float(robust.float().mean())
+                # a point the model gets wrong clean needs no perturbation; a failed attack: inf
+                sz = perturbation_norms(norm_name, xk, xa_h)
+                sizes[k] = torch.where(right, torch.where(ok_h, sz, torch.full_like(sz, float("inf"))),
+                                       torch.zeros_like(sz))
             meter.tick(len(x) - n)
         per_model[k] = {"transfer_er": transfer, "adaptive_accuracy": adaptive}
+        if k in sizes:
+            per_model[k]["minimal_perturbation"] = size_stats(sizes[k])
     params = {"threat_model": "minimal", "attack": name, **api.minimal_params(name),
               "attacked": len(x),
               "kept": "clean-correct points whose minimal adversarial example fools the original "
@@ -339,9 +350,47 @@ def _minimal(name, models, names, x, y, cfg, meter, cancelled) -> dict:
               "adaptive_metric": "fraction of the kept points that the hardened model classifies "
                                  "correctly and on which the minimal attack re-run against it "
                                  "fails; the attack is unbounded, so values near 0 are expected"}
+    grid = budget_grid(sizes)
     return {"params": params, "n": n,
             "original_accuracy": float((adv_pred[keep] == yk).float().mean()) if n else None,
-            "per_model": per_model}
+            "per_model": per_model,
+            "minimal_perturbation": {
+                "norm": norm_name, "original": size_stats(sizes["original"]),
+                "curve": {"budget": grid, **{k: [float((v > b).float().mean()) if len(v) else None
+                                                 for b in grid] for k, v in sizes.items()}},
+                "note": "per kept point, the size of the smallest perturbation the attack found "
+                        f"({norm_name}); curve: robust accuracy (minimal perturbation larger than "
+                        "the budget) as a function of the budget"}}
+
+
+MINIMAL_NORMS = {"fgsm": "linf", "bim": "linf", "pgd": "linf", "cw": "l2", "jsma": "l0"}
+
+
+def perturbation_norms(norm: str, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """Per-point size of ``x_adv - x`` (N,): L-inf, L2, or L0 (the number of changed values)."""
+    d = (x_adv - x).flatten(1)
+    if norm == "linf":
+        return d.abs().amax(1) if d.shape[1] else d.new_zeros(len(d))
+    if norm == "l2":
+        return d.norm(dim=1)
+    return (d.abs() > 1e-6).sum(1).to(x.dtype)
+
+
+def size_stats(sizes: torch.Tensor) -> dict:
+    """n, median and quartiles of perturbation sizes (inf: the attack failed; counted in n)."""
+    if len(sizes) == 0:
+        return {"n": 0, "median": None, "q1": None, "q3": None, "failed": 0}
+    q = torch.quantile(sizes.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.double))
+    return {"n": len(sizes), "q1": float(q[0]), "median": float(q[1]), "q3": float(q[2]),
+            "failed": int(torch.isinf(sizes).sum())}
+
+
+def budget_grid(sizes: dict, steps: int = 11) -> list[float]:
+    """Budgets from 0 to the largest finite perturbation size seen, for the accuracy curve."""
+    finite = [float(v[torch.isfinite(v)].max()) for v in sizes.values()
+              if len(v) and torch.isfinite(v).any()]
+    top = max(finite, default=0.0) or 1.0
+    return [round(top * i / (steps - 1), 6) for i in range(steps)]
 
 
 def _autoattack(models, names, x, y, eps, cfg, seed, dev, meter, cancelled, checks_out) -> dict:

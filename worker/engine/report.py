@@ -28,7 +28,7 @@ CLEAN_KEYS = ("original", "hardened", "drop", "budget", "within_budget")
 # Additions that keep schema 1 (a reader of the keys above is unaffected): every attack's Wilson
 # 95 % intervals; bounded C&W's perturbation sizes; AutoAttack's per-sub-attack breakdown; the
 # clean accuracies' n and intervals.
-ATTACK_EXTRA_KEYS = ("ci95", "l2_perturbation", "breakdown")
+ATTACK_EXTRA_KEYS = ("ci95", "l2_perturbation", "breakdown", "minimal_perturbation")
 CLEAN_EXTRA_KEYS = ("n", "ci95")
 METHOD_KEYS = ("clean_accuracy", "within_budget", "attacks", "mean_transfer_er",
                "mean_adaptive_accuracy")
@@ -130,6 +130,15 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
             # bounded C&W: the size of the successful perturbations, both models
             attacks[a]["l2_perturbation"] = {**r["l2_perturbation"],
                                              "hardened": pm.get("l2_perturbation")}
+        if "minimal_perturbation" in r:
+            # minimal protocol: the distribution of minimal perturbation sizes, both models
+            mp = r["minimal_perturbation"]
+            curve = mp.get("curve") or {}
+            attacks[a]["minimal_perturbation"] = {
+                "norm": mp["norm"], "note": mp["note"], "original": mp["original"],
+                "hardened": pm.get("minimal_perturbation"),
+                "curve": {"budget": curve.get("budget"), "original": curve.get("original"),
+                          "hardened": curve.get(chosen)}}
         if "breakdown" in r:
             # AutoAttack: robust accuracy after each sub-attack, for both models.
             attacks[a]["breakdown"] = {"original": r["breakdown"].get("original"),

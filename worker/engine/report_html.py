@@ -227,7 +227,8 @@ def tick_rows(xs: list[float], labels: list[str], char_px: float = 6.5, gap: flo
 
 
 def pgd_chart(curve: dict, method: str, attack_eps: float | None,
-              recommended: str | None = None) -> str:
+              recommended: str | None = None, *, chart: str = "pgd",
+              xlabel: str = "L∞ epsilon (PGD)") -> str:
     """Robust accuracy over the L-inf epsilon of PGD. The original model and the reported method
     are bold lines, the recommended method (when another one) a third colour; any other compared
     methods share one thin grey dashed style, so a dozen of them stay readable as background."""
@@ -249,7 +250,7 @@ def pgd_chart(curve: dict, method: str, attack_eps: float | None,
     def py(a: float) -> float:
         return top + ph * (1 - _clamp01(a))
 
-    out = [_svg_open("pgd", width, height, "PGD robust accuracy over epsilon")]
+    out = [_svg_open(chart, width, height, f"robust accuracy over {xlabel}")]
     for t in range(0, 101, 25):
         out.append(f'<line x1="{left}" y1="{py(t / 100):.1f}" x2="{left + pw}" y2="{py(t / 100):.1f}" '
                    f'stroke="{GRID}"/>')
@@ -266,7 +267,7 @@ def pgd_chart(curve: dict, method: str, attack_eps: float | None,
         out.append(_text(px(attack_eps) + 4, top + 12, f"ε of the attacks above = {attack_eps:g}",
                          size=10, fill=MUTED))
     out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="{INK}"/>')
-    out.append(_text(left + pw / 2, height - 8, "L∞ epsilon (PGD)", size=12, anchor="middle",
+    out.append(_text(left + pw / 2, height - 8, xlabel, size=12, anchor="middle",
                      fill=MUTED))
     out.append(_text(14, top + ph / 2, "robust accuracy", size=12, anchor="middle", fill=MUTED,
                      extra=f' transform="rotate(-90 14 {top + ph / 2:.1f})"'))
@@ -480,6 +481,36 @@ def cw_note(cw: dict, method: str) -> str:
             f'{_e(q(st.get("hardened")))}.</p>')
 
 
+def minimal_section(attacks: dict, method: str) -> str:
+    """Minimal protocol: per attack, the distribution of minimal perturbation sizes (median,
+    quartiles) and robust accuracy as a function of the budget, original and hardened."""
+    out = []
+    for name, a in attacks.items():
+        mp = _dict(_dict(a).get("minimal_perturbation"))
+        curve = _dict(mp.get("curve"))
+        if not mp:
+            continue
+
+        def q(d):
+            d = _dict(d)
+            if _num(d.get("median")) is None:
+                return "n/a"
+            return (f"median {d['median']:.4g} (quartiles {_num(d.get('q1')) or 0:.4g} to "
+                    f"{_num(d.get('q3')) or 0:.4g}; attack failed on {d.get('failed', 0)})")
+
+        norm = {"linf": "L∞", "l2": "L2", "l0": "L0 (changed values)"}.get(mp.get("norm"), "size")
+        out.append(f'<h3>{_e(name.upper())}: minimal {_e(norm)} perturbation</h3>'
+                   f'<p class="help">original: {_e(q(mp.get("original")))}; {_e(method)}: '
+                   f'{_e(q(mp.get("hardened")))}. Larger is more robust.</p>')
+        if isinstance(curve.get("budget"), list):
+            c = {"eps": curve["budget"], "original": curve.get("original")}
+            if isinstance(curve.get("hardened"), list):
+                c[method] = curve["hardened"]
+            out.append(pgd_chart(c, method, None, chart=f"minimal-{name}",
+                                 xlabel=f"{norm} budget ({name.upper()})"))
+    return "".join(out)
+
+
 def autoattack_section(aa: dict, method: str) -> str:
     """Robust accuracy after each AutoAttack sub-attack (cumulative: each attacks only the points
     the previous ones left robust), original and hardened side by side."""
@@ -501,7 +532,9 @@ def autoattack_section(aa: dict, method: str) -> str:
             f'{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 
-def comparison_section(comp: dict, method: str = "") -> str:
+def comparison_section(comp: dict, method: str = "", n: int | None = None) -> str:
+    """The methods side by side. ``n``: the points behind a mean adaptive accuracy (pooled over
+    the attacks); with it, a method whose 95 % interval overlaps the best one's is marked a tie."""
     methods = {str(k): _dict(v) for k, v in _dict(comp.get("methods")).items()}
     if not methods:
         return '<p class="muted">The comparison holds no methods.</p>'
@@ -528,8 +561,12 @@ def comparison_section(comp: dict, method: str = "") -> str:
                          f"<b>{_pct(r.get('adaptive_accuracy'), 0)}</b></td>")
         mad = _num(s.get("mean_adaptive_accuracy"))
         top = ' class="best"' if best is not None and mad == best else ""
+        tie = (best is not None and mad is not None and mad != best
+               and overlaps(wilson(mad, n), wilson(best, n)))
         cells.append(f"<td>{_pct(s.get('mean_transfer_er'))}</td>")
-        cells.append(f"<td{top}>{_mini_bar(mad, HARDENED if is_rec else TRANSFER)} {_pct(mad)}</td>")
+        cells.append(f"<td{top}>{_mini_bar(mad, HARDENED if is_rec else TRANSFER)} {_pct(mad)}"
+                     + (' <span class="tie" title="95% intervals overlap with the best">'
+                        '&#8776; tie with the best</span>' if tie else "") + "</td>")
         rec_cls = ' class="rec"' if is_rec else ""
         rows.append(f'<tr{rec_cls}>{"".join(cells)}</tr>')
     note = (f'<p>Recommended: <b>{_e(rec)}</b>, by the rule: {_e(comp.get("rule", "n/a"))}.</p>'
@@ -537,6 +574,12 @@ def comparison_section(comp: dict, method: str = "") -> str:
             f'<p class="warn">No method is recommended: none kept clean accuracy within the budget '
             f'(rule: {_e(comp.get("rule", "n/a"))}).</p>')
     return (note + f'<table class="comparison"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _pooled_n(attacks: dict) -> int | None:
+    ns = [a.get("n") for a in map(_dict, attacks.values()) if isinstance(a.get("n"), int)
+          and _num(a.get("adaptive_accuracy")) is not None]
+    return sum(ns) if ns else None
 
 
 def _plain(v: object) -> str:
@@ -584,6 +627,7 @@ h2{font-size:16px;margin:0 0 4px}h3{font-size:14px;margin:14px 0 4px}
 .row>.col{flex:1 1 500px;min-width:0;display:flex;flex-direction:column}.row>.col>.card{flex:1 1 auto}
 .lede{font-size:17px;font-weight:600;margin:0 0 10px}
 .tiles{display:flex;gap:12px;margin:0 0 16px}
+.tie{color:#5b6673;font-size:12px}
 .tile{flex:1;background:#fff;border:1px solid #dde2e7;border-left:8px solid #999;border-radius:8px;
 padding:10px 14px}
 .tile.good{border-left-color:#009E73}.tile.bad{border-left-color:#D55E00}.tile.na{border-left-color:#999}
@@ -651,6 +695,12 @@ def render_html(report: dict) -> str:
         parts.append('<section class="card"><h2>Accuracy under attack</h2>'
                      '<p class="muted">No attack results were recorded.</p></section>')
 
+    if any("minimal_perturbation" in _dict(a) for a in attacks.values()):
+        parts.append('<section class="card" id="minimal"><h2>Minimal perturbation sizes</h2>'
+                     '<p class="help">Under the minimal protocol every attack is unbounded and '
+                     'succeeds almost always; what tells models apart is how large a perturbation '
+                     'it needs. Curves: robust accuracy over the kept points as the budget grows.</p>'
+                     + minimal_section(attacks, method) + "</section>")
     if headline_attack(attacks):
         parts.append('<section class="card" id="autoattack"><h2>AutoAttack, sub-attack by '
                      'sub-attack</h2>' + autoattack_section(_dict(attacks["autoattack"]), method)
@@ -683,7 +733,7 @@ def render_html(report: dict) -> str:
 
     if comp is not None:
         parts.append('<section class="card" id="comparison"><h2>Method comparison</h2>'
-                     + comparison_section(comp, method) + "</section>")
+                     + comparison_section(comp, method, _pooled_n(attacks)) + "</section>")
 
     parts.append('<section class="card" id="sanity"><h2>Sanity checks</h2>'
                  '<p class="help">Checks from the robustness literature; a failure means the attack '
