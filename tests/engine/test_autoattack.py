@@ -125,8 +125,14 @@ def test_verdict_uses_autoattack_not_the_mean_of_the_attacks():
         "autoattack": {"n": 100, "params": {"version": "standard"}, "original_accuracy": 0.1,
                        "transfer_er": 0.4, "adaptive_accuracy": 0.1}}}
     html = render_html(rep)
-    assert "did not raise AutoAttack robust accuracy" in html
-    assert "NO CHANGE" in html.split('class="tile ')[1]
+    # PGD alone would say RAISED (+80 points); AutoAttack says the hardened model is no better
+    tile = html.split('class="tile ')[1]
+    assert "AutoAttack robust accuracy" in tile and ">TIE<" in tile and "RAISED" not in tile
+    rep["attacks"]["autoattack"]["adaptive_accuracy"] = 0.05
+    assert ">LOWERED<" in render_html(rep).split('class="tile ')[1] or \
+        ">TIE<" in render_html(rep).split('class="tile ')[1]
+    rep["attacks"]["autoattack"]["adaptive_accuracy"] = 0.5
+    assert ">RAISED<" in render_html(rep).split('class="tile ')[1]
 
 
 class _Softmax(nn.Module):
