@@ -128,9 +128,8 @@ def test_verdict_uses_autoattack_not_the_mean_of_the_attacks():
     # PGD alone would say RAISED (+80 points); AutoAttack says the hardened model is no better
     tile = html.split('class="tile ')[1]
     assert "AutoAttack robust accuracy" in tile and ">TIE<" in tile and "RAISED" not in tile
-    rep["attacks"]["autoattack"]["adaptive_accuracy"] = 0.05
-    assert ">LOWERED<" in render_html(rep).split('class="tile ')[1] or \
-        ">TIE<" in render_html(rep).split('class="tile ')[1]
+    rep["attacks"]["autoattack"]["adaptive_accuracy"] = 0.0  # 10% -> 0% at n=100: beyond noise
+    assert ">LOWERED<" in render_html(rep).split('class="tile ')[1]
     rep["attacks"]["autoattack"]["adaptive_accuracy"] = 0.5
     assert ">RAISED<" in render_html(rep).split('class="tile ')[1]
 
