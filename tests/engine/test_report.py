@@ -45,12 +45,15 @@ def _report(comparison=None, **kw) -> dict:
 
 def test_report_keys_match_schema_1_exactly():
     rep = _report()
-    assert set(rep) == set(R.REPORT_KEYS) | {"protocol", "method", "pgd_curve"}
+    assert set(rep) == set(R.REPORT_KEYS) | {"protocol", "method", "pgd_curve", "threat_model"}
     assert rep["schema_version"] == 1
-    assert set(rep["clean_accuracy"]) == {"original", "hardened", "drop", "budget", "within_budget"}
+    assert set(rep["clean_accuracy"]) == {"original", "hardened", "drop", "budget", "within_budget",
+                                          "n", "ci95"}
     assert set(rep["attacks"]) == set(ATTACKS)
     for a in rep["attacks"].values():
-        assert set(a) == {"params", "n", "original_accuracy", "transfer_er", "adaptive_accuracy"}
+        assert set(a) == {"params", "n", "original_accuracy", "transfer_er", "adaptive_accuracy",
+                          "ci95"}
+        assert set(a["ci95"]) == {"original_accuracy", "transfer_er", "adaptive_accuracy"}
     assert all(set(c) == {"name", "passed", "detail"} for c in rep["sanity_checks"])
     assert set(rep["versions"]) >= {"torch", "python", "onnx", "onnxruntime", "torchattacks", "platform", "cuda"}
     assert rep["comparison"] is None

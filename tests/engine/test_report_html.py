@@ -241,13 +241,20 @@ def test_webhook_url_in_the_config_is_redacted():
 
 def test_headline_verdicts():
     rep = _load()
-    page = render_html(rep)  # DARE went 44.5% -> 47.5% mean adaptive over the five attacks
-    assert "RAISED" in page and "WITHIN BUDGET" in page and "77 / 78 PASSED" in page
-    assert "44.5% → 47.5%" in page
+    page = render_html(rep)  # DARE went 44.5% -> 47.5% mean adaptive over the five attacks:
+    # +3 points with overlapping 95% intervals is a tie, not a rise
+    assert ">TIE<" in page and "RAISED" not in page
+    assert "WITHIN BUDGET" in page and "77 / 78 PASSED" in page
+    assert "44.5% → 47.5%" in page and "within the sampling noise" in page
+
+    better = copy.deepcopy(rep)
+    for a in better["attacks"].values():
+        a["adaptive_accuracy"] = min(1.0, (a["original_accuracy"] or 0.0) + 0.3)
+    assert ">RAISED<" in render_html(better)
 
     worse = copy.deepcopy(rep)
     for a in worse["attacks"].values():
-        a["adaptive_accuracy"] = a["original_accuracy"] - 0.1 if a["original_accuracy"] else 0.0
+        a["adaptive_accuracy"] = max(0.0, a["original_accuracy"] - 0.3)  # beyond the intervals
     worse["clean_accuracy"].update(hardened=0.8, drop=0.153, within_budget=False)
     page = render_html(worse)
     assert "LOWERED" in page and "OVER BUDGET" in page and "did not raise" in page

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Cancelled
-from .evaluation import accuracy, model_device, run_batched, select_samples, set_eval
+from .evaluation import (accuracy, attack_kwargs, model_device, run_batched, select_samples,
+                         set_eval)
 
 ATTACK_BATCH = 250
 VAL_MAX = 1000  # validation points used to pick a grid run (attacked once per run)
@@ -114,13 +115,13 @@ def select_run(runs: list[dict]) -> dict:
 
 def _grid_search(original: nn.Module, splits, cfg, *, method: str, attack: str, train_x, train_y,
                  adversary_for: Callable[[nn.Module], Callable], clean_drop_limit: float, seed: int,
-                 dev, meter, cancelled) -> tuple[nn.Module, dict]:
+                 dev, meter, cancelled, eps: float | None = None) -> tuple[nn.Module, dict]:
     """Train one copy per (lr, adv_fraction), judge each on validation, keep the selected one."""
     vidx = select_samples(len(splits.x_val), VAL_MAX, seed)
     xv, yv = splits.x_val[vidx], splits.y_val[vidx]
 
     def val_robust(m: nn.Module) -> float:
-        atk = _make_attack(attack, m, dataset=splits.name)
+        atk = _make_attack(attack, m, dataset=splits.name, **attack_kwargs(attack, eps))
         return accuracy(m, run_batched(atk, xv, yv, batch_size=ATTACK_BATCH, device=dev,
                                        tick=meter.tick, cancelled=cancelled), yv)
 
@@ -168,8 +169,12 @@ def _train_subset(splits, max_train: int, seed: int):
 
 def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_drop_limit: float = 0.10,
                          seed: int = 0, device="cpu", progress: Progress = lambda f: None,
-                         cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
+                         cancelled: Callable[[], bool] = lambda: False,
+                         eps: float | None = None) -> tuple[nn.Module, dict]:
     """Offline adversarial training against ``attack`` ("fgsm" ... or "at_fgsm" ...), paper 4.2.
+
+    ``eps``: the job's L-inf budget (``threat.linf_budget``), so FGSM/BIM/PGD training and the
+    evaluation share one threat model; None keeps the dataset's budget.
 
     cfg: ``config.BaselineConfig``. Returns ``(hardened copy, info)`` with info
     ``{"method", "grid", "chosen", "gen_seconds", "train_seconds", "within_budget", ...}``; the
@@ -186,7 +191,7 @@ def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_dr
     meter = _Meter(len(xs) * (1 + n_grid * cfg.epochs) + n_val * (1 + n_grid), progress)
 
     t0 = time.perf_counter()
-    gen = _make_attack(attack, original, dataset=splits.name)
+    gen = _make_attack(attack, original, dataset=splits.name, **attack_kwargs(attack, eps))
     x_adv = run_batched(gen, xs, ys, batch_size=ATTACK_BATCH, device=dev, tick=meter.tick,
                         cancelled=cancelled)
     gen_s = time.perf_counter() - t0
@@ -194,7 +199,8 @@ def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_dr
     hardened, info = _grid_search(
         original, splits, cfg, method=f"at_{attack}", attack=attack, train_x=xs, train_y=ys,
         adversary_for=lambda m: (lambda idx, xb, yb: x_adv[idx]),
-        clean_drop_limit=clean_drop_limit, seed=seed, dev=dev, meter=meter, cancelled=cancelled)
+        clean_drop_limit=clean_drop_limit, seed=seed, dev=dev, meter=meter, cancelled=cancelled,
+        eps=eps)
     info.pop("online_gen_seconds")
     info.update(gen_seconds=gen_s, attack_params=gen.params(),
                 original_train_adv_accuracy=accuracy(original, x_adv, ys))
@@ -204,7 +210,8 @@ def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_dr
 
 def pgd_online_training(model: nn.Module, splits, cfg, *, clean_drop_limit: float = 0.10, seed: int = 0,
                         device="cpu", progress: Progress = lambda f: None,
-                        cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
+                        cancelled: Callable[[], bool] = lambda: False,
+                        eps: float | None = None) -> tuple[nn.Module, dict]:
     """Madry-style adversarial training: PGD examples made online, each batch, against the weights
     being trained (the dataset's PGD parameters). Same grid and selection as
     ``adversarial_training``; ``gen_seconds`` is the time spent inside the attack."""
@@ -219,7 +226,7 @@ def pgd_online_training(model: nn.Module, splits, cfg, *, clean_drop_limit: floa
     params = {}
 
     def adversary_for(m):
-        atk = _make_attack("pgd", m, dataset=splits.name)
+        atk = _make_attack("pgd", m, dataset=splits.name, **attack_kwargs("pgd", eps))
         params.update(atk.params())
 
         def adv(idx, xb, yb):
@@ -232,7 +239,7 @@ def pgd_online_training(model: nn.Module, splits, cfg, *, clean_drop_limit: floa
     hardened, info = _grid_search(
         original, splits, cfg, method="at_pgd_online", attack="pgd", train_x=xs, train_y=ys,
         adversary_for=adversary_for, clean_drop_limit=clean_drop_limit, seed=seed, dev=dev,
-        meter=meter, cancelled=cancelled)
+        meter=meter, cancelled=cancelled, eps=eps)
     info["gen_seconds"] = info.pop("online_gen_seconds")
     info["attack_params"] = params
     progress(1.0)

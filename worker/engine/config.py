@@ -42,12 +42,27 @@ class BaselineConfig(_Strict):
     max_train: int = Field(2000, ge=10, description="training examples used to make adversarial ones")
 
 
+# What the evaluation can run: the five attacks (each also an adversarial-training baseline) and
+# AutoAttack, the field's standard robust accuracy (evaluation only; fixed_eps protocol only).
+EVAL_ATTACKS = ATTACKS + ("autoattack",)
+
+
+class AutoAttackConfig(_Strict):
+    version: Literal["standard", "fast"] = Field(
+        "standard", description="standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE + APGD-T only")
+
+
 class EvaluationConfig(_Strict):
     protocol: Literal["fixed_eps", "minimal"] = "fixed_eps"
-    attacks: list[Literal["fgsm", "bim", "pgd", "cw", "jsma"]] = Field(default_factory=lambda: list(ATTACKS))
+    attacks: list[Literal["fgsm", "bim", "pgd", "cw", "jsma", "autoattack"]] = Field(
+        default_factory=lambda: list(EVAL_ATTACKS))
+    autoattack: AutoAttackConfig = Field(default_factory=AutoAttackConfig)
     n_samples: int = Field(500, ge=1, le=100000)
     adaptive: bool = True
     eps: float | None = Field(None, gt=0, le=1, description="override the dataset's L-inf budget")
+    cw_l2_radius: float | None = Field(
+        None, gt=0, le=1000, description="fixed_eps: a C&W example counts only within this L2 "
+                                         "distance (default: the dataset's, see attacks/budgets.py)")
     batch_size: int = Field(250, ge=1, le=8192)
 
     @field_validator("attacks")

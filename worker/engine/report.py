@@ -13,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 
+from .stats import wilson
+
 SCHEMA_VERSION = 1
 RULE = "highest mean adaptive robust accuracy within the clean budget"
 RULE_NO_ADAPTIVE = ("highest mean transfer ER within the clean budget "
@@ -20,9 +22,14 @@ RULE_NO_ADAPTIVE = ("highest mean transfer ER within the clean budget "
 
 REPORT_KEYS = ("schema_version", "config", "versions", "timings_s", "clean_accuracy", "attacks",
                "sanity_checks", "slicing", "mining", "comparison")
-EXTRA_KEYS = ("protocol", "method", "pgd_curve")
+EXTRA_KEYS = ("protocol", "method", "pgd_curve", "threat_model")
 ATTACK_KEYS = ("params", "n", "original_accuracy", "transfer_er", "adaptive_accuracy")
 CLEAN_KEYS = ("original", "hardened", "drop", "budget", "within_budget")
+# Additions that keep schema 1 (a reader of the keys above is unaffected): every attack's Wilson
+# 95 % intervals; bounded C&W's perturbation sizes; AutoAttack's per-sub-attack breakdown; the
+# clean accuracies' n and intervals.
+ATTACK_EXTRA_KEYS = ("ci95", "l2_perturbation", "breakdown", "minimal_perturbation")
+CLEAN_EXTRA_KEYS = ("n", "ci95")
 METHOD_KEYS = ("clean_accuracy", "within_budget", "attacks", "mean_transfer_er",
                "mean_adaptive_accuracy")
 _EPS = 1e-12  # a drop of exactly the budget is within it, whatever float rounding says
@@ -116,14 +123,37 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         attacks[a] = {"params": dict(r["params"]), "n": r["n"],
                       "original_accuracy": r["original_accuracy"],
                       "transfer_er": pm["transfer_er"], "adaptive_accuracy": pm["adaptive_accuracy"]}
+        # Sampling uncertainty: every accuracy with its Wilson 95 % interval on the attack's n.
+        attacks[a]["ci95"] = {k: wilson(attacks[a][k], r["n"])
+                              for k in ("original_accuracy", "transfer_er", "adaptive_accuracy")}
+        if "l2_perturbation" in r:
+            # bounded C&W: the size of the successful perturbations, both models
+            attacks[a]["l2_perturbation"] = {**r["l2_perturbation"],
+                                             "hardened": pm.get("l2_perturbation")}
+        if "minimal_perturbation" in r:
+            # minimal protocol: the distribution of minimal perturbation sizes, both models
+            mp = r["minimal_perturbation"]
+            curve = mp.get("curve") or {}
+            attacks[a]["minimal_perturbation"] = {
+                "norm": mp["norm"], "note": mp["note"], "original": mp["original"],
+                "hardened": pm.get("minimal_perturbation"),
+                "curve": {"budget": curve.get("budget"), "original": curve.get("original"),
+                          "hardened": curve.get(chosen)}}
+        if "breakdown" in r:
+            # AutoAttack: robust accuracy after each sub-attack, for both models.
+            attacks[a]["breakdown"] = {"original": r["breakdown"].get("original"),
+                                       "hardened": pm.get("breakdown")}
     report = {
         "schema_version": SCHEMA_VERSION,
         "config": config,
         "versions": versions,
-        "timings_s": dict(timings_s),
+        "timings_s": {**dict(timings_s), **_attack_timings(evaluation)},
         "clean_accuracy": {"original": orig, "hardened": hard, "drop": orig - hard,
                            "budget": clean_drop_limit,
-                           "within_budget": within_budget(orig, hard, clean_drop_limit)},
+                           "within_budget": within_budget(orig, hard, clean_drop_limit),
+                           "n": evaluation.get("n_test"),
+                           "ci95": {"original": wilson(orig, evaluation.get("n_test")),
+                                    "hardened": wilson(hard, evaluation.get("n_test"))}},
         "attacks": attacks,
         "sanity_checks": [{"name": c["name"], "passed": bool(c["passed"]), "detail": c["detail"]}
                           for c in evaluation["sanity_checks"]],
@@ -133,8 +163,26 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         "protocol": evaluation["protocol"],
         "method": chosen,
         "pgd_curve": evaluation.get("pgd_curve"),
+        # every budget with its source (config, dataset, or derived from the data)
+        "threat_model": evaluation.get("threat_model"),
     }
     return _jsonable(report)
+
+
+def _attack_timings(evaluation: dict) -> dict:
+    # AutoAttack's cost is stated on its own: it is most of the evaluate stage's time.
+    t = (evaluation.get("timings_s") or {}).get("autoattack")
+    return {} if t is None else {"autoattack": t}
+
+
+def headline_attack(attacks: dict) -> str | None:
+    """``"autoattack"`` when AutoAttack measured both models: its robust accuracy is the headline
+    (the verdict and the report's first tile); None: the mean over the attacks instead."""
+    a = attacks.get("autoattack")
+    if isinstance(a, dict) and a.get("original_accuracy") is not None \
+            and a.get("adaptive_accuracy") is not None:
+        return "autoattack"
+    return None
 
 
 def versions() -> dict:
@@ -152,6 +200,7 @@ def versions() -> dict:
     cuda = torch.cuda.is_available()
     return {"torch": torch.__version__, "python": platform.python_version(), "onnx": v("onnx"),
             "onnxruntime": v("onnxruntime"), "torchattacks": v("torchattacks"),
+            "pyautoattack": v("pyautoattack"),
             "platform": platform.platform(), "cuda": torch.version.cuda if cuda else None,
             "gpu": torch.cuda.get_device_name(0) if cuda else None}
 

@@ -24,6 +24,9 @@ import json
 import math
 from html import escape
 
+from .report import headline_attack
+from .stats import overlaps, wilson
+
 # Okabe-Ito. The hardened model is always blue: light for transfer, dark for adaptive.
 ORIGINAL = "#E69F00"  # orange
 TRANSFER = "#56B4E9"  # sky blue
@@ -145,10 +148,21 @@ def attack_chart(attacks: dict) -> str:
                                  fill=MUTED))
                 continue
             h = ph * _clamp01(v)
+            ci = wilson(v, a.get("n") if isinstance(a.get("n"), int) else None)
+            ci_txt = "" if ci is None else f" (95% interval {_pct(ci[0])} to {_pct(ci[1])})"
             out.append(f'<rect x="{x + 2:.1f}" y="{top + ph - h:.1f}" width="{bw - 4:.1f}" '
                        f'height="{h:.1f}" fill="{color}"><title>{_e(name.upper())}, '
-                       f'{_e(label)}: {_pct(v)}</title></rect>')
-            out.append(_text(x + bw / 2, top + ph - h - 5, _pct(v, 0), size=11, anchor="middle"))
+                       f'{_e(label)}: {_pct(v)}{_e(ci_txt)}</title></rect>')
+            label_y = top + ph - h - 5
+            if ci is not None:  # the Wilson 95 % interval as a whisker
+                y_lo, y_hi = top + ph * (1 - ci[0]), top + ph * (1 - ci[1])
+                cx_ = x + bw / 2
+                out.append(f'<g class="ci" stroke="{INK}" stroke-width="1.2">'
+                           f'<line x1="{cx_:.1f}" y1="{y_lo:.1f}" x2="{cx_:.1f}" y2="{y_hi:.1f}"/>'
+                           f'<line x1="{cx_ - 4:.1f}" y1="{y_lo:.1f}" x2="{cx_ + 4:.1f}" y2="{y_lo:.1f}"/>'
+                           f'<line x1="{cx_ - 4:.1f}" y1="{y_hi:.1f}" x2="{cx_ + 4:.1f}" y2="{y_hi:.1f}"/></g>')
+                label_y = min(label_y, y_hi - 4)
+            out.append(_text(x + bw / 2, label_y, _pct(v, 0), size=11, anchor="middle"))
         cx = left + gw * (i + 0.5)
         out.append(_text(cx, top + ph + 20, name.upper(), size=13, anchor="middle", weight="bold"))
         n = a.get("n")
@@ -197,8 +211,24 @@ def clean_chart(ca: dict, method: str) -> str:
     return "".join(out)
 
 
+def tick_rows(xs: list[float], labels: list[str], char_px: float = 6.5, gap: float = 6) -> list[int | None]:
+    """The row (0 or 1) of each axis label so that no two on a row overlap (close epsilons such
+    as 0.0157 and 0.0275 would print on top of each other), None for a label that fits on
+    neither row (its tick stays)."""
+    ends = [-1e9, -1e9]  # right edge of the last label on each row
+    rows: list[int | None] = []
+    for x, label in zip(xs, labels):
+        half = len(label) * char_px / 2
+        row = next((r for r in (0, 1) if x - half >= ends[r] + gap), None)
+        if row is not None:
+            ends[row] = x + half
+        rows.append(row)
+    return rows
+
+
 def pgd_chart(curve: dict, method: str, attack_eps: float | None,
-              recommended: str | None = None) -> str:
+              recommended: str | None = None, *, chart: str = "pgd",
+              xlabel: str = "L∞ epsilon (PGD)") -> str:
     """Robust accuracy over the L-inf epsilon of PGD. The original model and the reported method
     are bold lines, the recommended method (when another one) a third colour; any other compared
     methods share one thin grey dashed style, so a dozen of them stay readable as background."""
@@ -209,8 +239,8 @@ def pgd_chart(curve: dict, method: str, attack_eps: float | None,
     styles = {"original": (ORIGINAL, 3.0, ""), method: (HARDENED, 3.0, "")}
     if recommended and recommended not in styles:
         styles[recommended] = (RECOMMENDED, 2.5, "")
-    width, height = 520, 300
-    left, right, top, bottom = 56, 14, 14, 50
+    width, height = 520, 312
+    left, right, top, bottom = 56, 14, 14, 62
     pw, ph = width - left - right, height - top - bottom
     xmax = max(eps) or 1.0
 
@@ -220,20 +250,24 @@ def pgd_chart(curve: dict, method: str, attack_eps: float | None,
     def py(a: float) -> float:
         return top + ph * (1 - _clamp01(a))
 
-    out = [_svg_open("pgd", width, height, "PGD robust accuracy over epsilon")]
+    out = [_svg_open(chart, width, height, f"robust accuracy over {xlabel}")]
     for t in range(0, 101, 25):
         out.append(f'<line x1="{left}" y1="{py(t / 100):.1f}" x2="{left + pw}" y2="{py(t / 100):.1f}" '
                    f'stroke="{GRID}"/>')
         out.append(_text(left - 6, py(t / 100) + 4, f"{t}%", size=11, anchor="end", fill=MUTED))
-    for e in eps:
-        out.append(_text(px(e), top + ph + 16, f"{e:g}", size=11, anchor="middle", fill=MUTED))
+    for e, row in zip(eps, tick_rows([px(e) for e in eps], [f"{e:g}" for e in eps])):
+        out.append(f'<line x1="{px(e):.1f}" y1="{top + ph}" x2="{px(e):.1f}" y2="{top + ph + 4}" '
+                   f'stroke="{MUTED}"/>')
+        if row is not None:
+            out.append(_text(px(e), top + ph + 16 + 13 * row, f"{e:g}", size=11, anchor="middle",
+                             fill=MUTED))
     if attack_eps is not None and 0 < attack_eps <= xmax:
         out.append(f'<line x1="{px(attack_eps):.1f}" y1="{top}" x2="{px(attack_eps):.1f}" '
                    f'y2="{top + ph}" stroke="{MUTED}" stroke-dasharray="2 3"/>')
         out.append(_text(px(attack_eps) + 4, top + 12, f"ε of the attacks above = {attack_eps:g}",
                          size=10, fill=MUTED))
     out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="{INK}"/>')
-    out.append(_text(left + pw / 2, height - 8, "L∞ epsilon (PGD)", size=12, anchor="middle",
+    out.append(_text(left + pw / 2, height - 8, xlabel, size=12, anchor="middle",
                      fill=MUTED))
     out.append(_text(14, top + ph / 2, "robust accuracy", size=12, anchor="middle", fill=MUTED,
                      extra=f' transform="rotate(-90 14 {top + ph / 2:.1f})"'))
@@ -312,17 +346,40 @@ def headline(report: dict) -> str:
     # (adaptive), over the attacks where both were measured.
     pairs = [(_num(a.get("original_accuracy")), _num(a.get("adaptive_accuracy"))) for a in attacks.values()]
     pairs = [(o, h) for o, h in pairs if o is not None and h is not None]
-    if pairs:
-        before, after = _mean([o for o, _ in pairs]), _mean([h for _, h in pairs])
+    aa = attacks.get("autoattack", {})
+    rob_title = "Robustness (adaptive attack)"
+    if headline_attack(attacks) or pairs:
+        if headline_attack(attacks):
+            # AutoAttack's robust accuracy is the headline: the field's standard number.
+            before, after = _num(aa["original_accuracy"]), _num(aa["adaptive_accuracy"])
+            n = aa.get("n") if isinstance(aa.get("n"), int) else None
+            what = "AutoAttack robust accuracy"
+            rob_title = f"Robustness (AutoAttack, {_dict(aa.get('params')).get('version', 'standard')})"
+            where = f" on {n if n is not None else 'n/a'} points"
+        else:
+            before, after = _mean([o for o, _ in pairs]), _mean([h for _, h in pairs])
+            # the mean over attacks pools their points (an approximation: the same points recur)
+            ns = [a.get("n") for a in attacks.values() if isinstance(a.get("n"), int)
+                  and _num(a.get("adaptive_accuracy")) is not None]
+            n = sum(ns) if ns else None
+            what = "mean adaptive robust accuracy"
+            where = f" over {len(pairs)} attack{'s' if len(pairs) != 1 else ''}"
         delta = after - before
-        raised = delta > _RAISE_TOL
-        word = "RAISED" if raised else ("NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
-        rob = (True if raised else False, word,
-               f"Mean adaptive robust accuracy {_pct(before)} → {_pct(after)} ({_pts(delta)}) "
-               f"over {len(pairs)} attack{'s' if len(pairs) != 1 else ''}.")
-        rob_sentence = (f"raised mean adaptive robust accuracy from {_pct(before)} to {_pct(after)}"
-                        if raised else f"did not raise mean adaptive robust accuracy "
-                        f"({_pct(before)} → {_pct(after)})")
+        ci_b, ci_a = wilson(before, n), wilson(after, n)
+        tie = overlaps(ci_b, ci_a)
+        raised = delta > _RAISE_TOL and not tie
+        word = ("TIE" if tie else "RAISED" if raised else
+                "NO CHANGE" if delta >= -_RAISE_TOL else "LOWERED")
+        ci_txt = ("" if ci_b is None else
+                  f" 95% intervals {_pct(ci_b[0])}–{_pct(ci_b[1])} and {_pct(ci_a[0])}–{_pct(ci_a[1])}"
+                  + (" overlap: the difference is within the sampling noise." if tie else " do not overlap."))
+        rob = (None if tie else raised, word,
+               f"{what[0].upper()}{what[1:]} {_pct(before)} → {_pct(after)} ({_pts(delta)}){where}."
+               + ci_txt)
+        rob_sentence = (f"raised {what} from {_pct(before)} to {_pct(after)}" if raised else
+                        f"changed {what} by no more than the sampling noise ({_pct(before)} → "
+                        f"{_pct(after)}, overlapping 95% intervals)" if tie else
+                        f"did not raise {what} ({_pct(before)} → {_pct(after)})")
     else:
         transfer = _mean([_num(a.get("transfer_er")) for a in attacks.values()])
         rob = (None, "NOT MEASURED", "Adaptive attacks were not run, so robustness against an "
@@ -351,7 +408,7 @@ def headline(report: dict) -> str:
         san = (None, "NONE RUN", "No sanity checks were run.")
 
     tiles = []
-    for title, (ok, word, text) in (("Robustness (adaptive attack)", rob),
+    for title, (ok, word, text) in ((rob_title, rob),
                                     ("Clean accuracy", clean), ("Sanity checks", san)):
         cls = "na" if ok is None else "good" if ok else "bad"
         tiles.append(f'<div class="tile {cls}"><div class="tt">{_e(title)}</div>'
@@ -403,7 +460,81 @@ def sanity_section(checks: list) -> str:
     return "".join(out)
 
 
-def comparison_section(comp: dict, method: str = "") -> str:
+def cw_note(cw: dict, method: str) -> str:
+    """Bounded C&W: its radius, where the radius comes from, and how large the successful
+    perturbations of the unbounded attack were."""
+    params = _dict(cw.get("params"))
+    if _num(params.get("l2_radius")) is None:
+        return ""
+
+    def q(d):
+        d = _dict(d)
+        if _num(d.get("median")) is None:
+            return "none succeeded"
+        return (f"median L2 {d['median']:.3f} (quartiles {_num(d.get('q1')) or 0:.3f} to "
+                f"{_num(d.get('q3')) or 0:.3f}) over {_e(d.get('n_successful'))} points")
+
+    st = _dict(cw.get("l2_perturbation"))
+    return (f'<p class="help" id="cw-bound">C&amp;W (L2) counts an example as broken only within '
+            f'L2 radius {params["l2_radius"]:.3f} ({_e(params.get("l2_radius_source", ""))}). '
+            f'Successful perturbations, original: {_e(q(st.get("original")))}; {_e(method)}: '
+            f'{_e(q(st.get("hardened")))}.</p>')
+
+
+def minimal_section(attacks: dict, method: str) -> str:
+    """Minimal protocol: per attack, the distribution of minimal perturbation sizes (median,
+    quartiles) and robust accuracy as a function of the budget, original and hardened."""
+    out = []
+    for name, a in attacks.items():
+        mp = _dict(_dict(a).get("minimal_perturbation"))
+        curve = _dict(mp.get("curve"))
+        if not mp:
+            continue
+
+        def q(d):
+            d = _dict(d)
+            if _num(d.get("median")) is None:
+                return "n/a"
+            return (f"median {d['median']:.4g} (quartiles {_num(d.get('q1')) or 0:.4g} to "
+                    f"{_num(d.get('q3')) or 0:.4g}; attack failed on {d.get('failed', 0)})")
+
+        norm = {"linf": "L∞", "l2": "L2", "l0": "L0 (changed values)"}.get(mp.get("norm"), "size")
+        out.append(f'<h3>{_e(name.upper())}: minimal {_e(norm)} perturbation</h3>'
+                   f'<p class="help">original: {_e(q(mp.get("original")))}; {_e(method)}: '
+                   f'{_e(q(mp.get("hardened")))}. Larger is more robust.</p>')
+        if isinstance(curve.get("budget"), list):
+            c = {"eps": curve["budget"], "original": curve.get("original")}
+            if isinstance(curve.get("hardened"), list):
+                c[method] = curve["hardened"]
+            out.append(pgd_chart(c, method, None, chart=f"minimal-{name}",
+                                 xlabel=f"{norm} budget ({name.upper()})"))
+    return "".join(out)
+
+
+def autoattack_section(aa: dict, method: str) -> str:
+    """Robust accuracy after each AutoAttack sub-attack (cumulative: each attacks only the points
+    the previous ones left robust), original and hardened side by side."""
+    params = _dict(aa.get("params"))
+    bd = _dict(aa.get("breakdown"))
+    cols = [("original", _dict(bd.get("original"))), (method, _dict(bd.get("hardened")))]
+    steps: list[str] = []
+    for _, d in cols:
+        steps += [k for k in d if k not in steps]
+    head = "".join(f"<th>{_e(m)}</th>" for m, _ in cols)
+    rows = "".join(f"<tr><th class=\"rowh\">{_e('clean' if k == 'clean' else 'after ' + k.upper())}"
+                   f"</th>{''.join(f'<td>{_pct(d.get(k))}</td>' for _, d in cols)}</tr>"
+                   for k in steps)
+    return (f'<p class="help">{_e(params.get("note", "AutoAttack"))}; L-inf eps '
+            f'{_e(params.get("eps", "n/a"))}, {_e(params.get("n_target_classes", "n/a"))} target '
+            f'classes, seed {_e(params.get("seed", "n/a"))}, {_e(params.get("implementation", ""))}. '
+            'Each sub-attack attacks only the points the previous ones left robust.</p>'
+            f'<table class="matrix" data-table="autoattack"><thead><tr><th>robust accuracy</th>'
+            f'{head}</tr></thead><tbody>{rows}</tbody></table>')
+
+
+def comparison_section(comp: dict, method: str = "", n: int | None = None) -> str:
+    """The methods side by side. ``n``: the points behind a mean adaptive accuracy (pooled over
+    the attacks); with it, a method whose 95 % interval overlaps the best one's is marked a tie."""
     methods = {str(k): _dict(v) for k, v in _dict(comp.get("methods")).items()}
     if not methods:
         return '<p class="muted">The comparison holds no methods.</p>'
@@ -430,8 +561,12 @@ def comparison_section(comp: dict, method: str = "") -> str:
                          f"<b>{_pct(r.get('adaptive_accuracy'), 0)}</b></td>")
         mad = _num(s.get("mean_adaptive_accuracy"))
         top = ' class="best"' if best is not None and mad == best else ""
+        tie = (best is not None and mad is not None and mad != best
+               and overlaps(wilson(mad, n), wilson(best, n)))
         cells.append(f"<td>{_pct(s.get('mean_transfer_er'))}</td>")
-        cells.append(f"<td{top}>{_mini_bar(mad, HARDENED if is_rec else TRANSFER)} {_pct(mad)}</td>")
+        cells.append(f"<td{top}>{_mini_bar(mad, HARDENED if is_rec else TRANSFER)} {_pct(mad)}"
+                     + (' <span class="tie" title="95% intervals overlap with the best">'
+                        '&#8776; tie with the best</span>' if tie else "") + "</td>")
         rec_cls = ' class="rec"' if is_rec else ""
         rows.append(f'<tr{rec_cls}>{"".join(cells)}</tr>')
     note = (f'<p>Recommended: <b>{_e(rec)}</b>, by the rule: {_e(comp.get("rule", "n/a"))}.</p>'
@@ -439,6 +574,12 @@ def comparison_section(comp: dict, method: str = "") -> str:
             f'<p class="warn">No method is recommended: none kept clean accuracy within the budget '
             f'(rule: {_e(comp.get("rule", "n/a"))}).</p>')
     return (note + f'<table class="comparison"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _pooled_n(attacks: dict) -> int | None:
+    ns = [a.get("n") for a in map(_dict, attacks.values()) if isinstance(a.get("n"), int)
+          and _num(a.get("adaptive_accuracy")) is not None]
+    return sum(ns) if ns else None
 
 
 def _plain(v: object) -> str:
@@ -486,6 +627,7 @@ h2{font-size:16px;margin:0 0 4px}h3{font-size:14px;margin:14px 0 4px}
 .row>.col{flex:1 1 500px;min-width:0;display:flex;flex-direction:column}.row>.col>.card{flex:1 1 auto}
 .lede{font-size:17px;font-weight:600;margin:0 0 10px}
 .tiles{display:flex;gap:12px;margin:0 0 16px}
+.tie{color:#5b6673;font-size:12px}
 .tile{flex:1;background:#fff;border:1px solid #dde2e7;border-left:8px solid #999;border-radius:8px;
 padding:10px 14px}
 .tile.good{border-left-color:#009E73}.tile.bad{border-left-color:#D55E00}.tile.na{border-left-color:#999}
@@ -548,10 +690,21 @@ def render_html(report: dict) -> str:
                      "(transfer, the paper's Empirical Robustness). Dark blue: the attack re-run "
                      'against the hardened model itself (adaptive; the honest number).</p>'
                      + _legend([(label, c) for _, label, c in SERIES]) + attack_chart(attacks)
-                     + "</section>")
+                     + cw_note(_dict(attacks.get("cw")), method) + "</section>")
     else:
         parts.append('<section class="card"><h2>Accuracy under attack</h2>'
                      '<p class="muted">No attack results were recorded.</p></section>')
+
+    if any("minimal_perturbation" in _dict(a) for a in attacks.values()):
+        parts.append('<section class="card" id="minimal"><h2>Minimal perturbation sizes</h2>'
+                     '<p class="help">Under the minimal protocol every attack is unbounded and '
+                     'succeeds almost always; what tells models apart is how large a perturbation '
+                     'it needs. Curves: robust accuracy over the kept points as the budget grows.</p>'
+                     + minimal_section(attacks, method) + "</section>")
+    if headline_attack(attacks):
+        parts.append('<section class="card" id="autoattack"><h2>AutoAttack, sub-attack by '
+                     'sub-attack</h2>' + autoattack_section(_dict(attacks["autoattack"]), method)
+                     + "</section>")
 
     comp = report.get("comparison")
     comp = comp if isinstance(comp, dict) and comp else None
@@ -580,7 +733,7 @@ def render_html(report: dict) -> str:
 
     if comp is not None:
         parts.append('<section class="card" id="comparison"><h2>Method comparison</h2>'
-                     + comparison_section(comp, method) + "</section>")
+                     + comparison_section(comp, method, _pooled_n(attacks)) + "</section>")
 
     parts.append('<section class="card" id="sanity"><h2>Sanity checks</h2>'
                  '<p class="help">Checks from the robustness literature; a failure means the attack '
