@@ -90,3 +90,41 @@ def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
     best = max(m["mean_adaptive_accuracy"] for k, m in comp["methods"].items()
                if m["within_budget"] and k not in ("finetune_mined", "weight_noise"))
     assert comp["methods"][comp["recommended"]]["mean_adaptive_accuracy"] == best
+
+
+def test_every_method_trains_against_the_evaluations_budget(subject, tmp_path, monkeypatch):
+    """One threat model per job: evaluation.eps (away from the dataset's 0.1) is the budget the
+    adversarial-training baselines and DARE-adv's PGD train against; tune.adv_eps still wins."""
+    from worker.engine import attacks, baselines
+    from worker.engine.stages import harden
+
+    seen = {}
+
+    def spy(name):
+        def fake(model, *args, eps=None, **kw):
+            seen[name] = eps
+            return model, {}
+        return fake
+
+    monkeypatch.setattr(baselines, "adversarial_training", spy("at"))
+    monkeypatch.setattr(baselines, "pgd_online_training", spy("online"))
+    wd = _job(tmp_path, subject)
+    ctx = StageContext(wd, parse_config({**SMALL, "dataset": "digits",
+                                         "evaluation": {"eps": 0.05}}))
+    harden(ctx, "at_pgd")
+    harden(ctx, "at_pgd_online")
+    assert seen == {"at": 0.05, "online": 0.05}
+
+    made = []
+    real = attacks.make_attack
+    monkeypatch.setattr(attacks, "make_attack",
+                        lambda name, m, **kw: made.append(kw["eps"]) or real(name, m, **kw))
+    for name in ("validate", "slice", "mine"):
+        run_stage(name, ctx)
+    harden(ctx, "dare_adv")
+    assert made and set(made) == {0.05}
+    made.clear()
+    ctx2 = StageContext(wd, parse_config({**SMALL, "dataset": "digits", "tune": {"epochs": 1, "adv_eps": 0.2},
+                                          "evaluation": {"eps": 0.05}}))
+    harden(ctx2, "dare_adv")
+    assert made and set(made) == {0.2}

@@ -195,10 +195,14 @@ def harden(ctx: "StageContext", method: str, progress=None):
     from .slicing import SliceResult, full_slice
     from .tuning import tune_dare, tune_full_model
 
+    from .threat import linf_budget
+
     model, _, splits = load_inputs(ctx)
     cfg = ctx.config
     kw = dict(seed=cfg.seed, device=ctx.device, progress=progress or ctx.progress,
               cancelled=ctx.cancelled)
+    # One threat model per job: every method trains against the budget the report attacks with.
+    budget = linf_budget(cfg.evaluation.eps, splits.name, splits.x_test)["eps"]
     gm = model.gm
     if method in ("dare", "dare_adv", "dare_s", "dare_rand"):
         sliced = SliceResult.from_state(_load_pt(ctx.path("state", "slice.pt")))
@@ -214,7 +218,7 @@ def harden(ctx: "StageContext", method: str, progress=None):
         if method == "dare_adv":
             from .attacks import make_attack
 
-            eps = cfg.tune.adv_eps
+            eps = cfg.tune.adv_eps if cfg.tune.adv_eps is not None else budget
 
             def adv(m):
                 return make_attack("pgd", m, dataset=_dataset_key(splits), eps=eps, steps=5)
@@ -226,10 +230,10 @@ def harden(ctx: "StageContext", method: str, progress=None):
         mined = MinedSet.from_state(_load_pt(ctx.path("state", "mined.pt")))
         return baselines.finetune_mined(gm, mined.x, mined.y, cfg.tune, **kw)
     if method == "at_pgd_online":
-        return baselines.pgd_online_training(gm, splits, cfg.baselines,
+        return baselines.pgd_online_training(gm, splits, cfg.baselines, eps=budget,
                                              clean_drop_limit=cfg.clean_drop_limit, **kw)
     if method.startswith("at_"):
-        return baselines.adversarial_training(gm, method[3:], splits, cfg.baselines,
+        return baselines.adversarial_training(gm, method[3:], splits, cfg.baselines, eps=budget,
                                               clean_drop_limit=cfg.clean_drop_limit, **kw)
     raise ValueError(f"unknown method {method!r}")
 
