@@ -21,9 +21,10 @@ from .client import ClientError, DareClient, wait_ready
 from .client_cli import summary_lines
 from .schemas import JobRead
 
-# DESIGN.md's defaults (all five attacks, 500 samples): on the digits subject they take well
-# under a minute on a laptop CPU.
-DEMO_CONFIG: dict = {}
+# DESIGN.md's defaults (every attack, 500 samples), except AutoAttack's fast version (APGD-CE +
+# APGD-T): the standard one costs about 100 PGD-40 runs on a CPU (bench/results/autoattack_cost.md)
+# and would turn a half-minute demo into several minutes.
+DEMO_CONFIG: dict = {"evaluation": {"autoattack": {"version": "fast"}}}
 
 
 def start_server(port: int, home: Path, log: Path) -> subprocess.Popen:
