@@ -30,15 +30,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "mutation.md"
 
-# module -> the test files that cover it (the ones a reviewer would expect to catch a bug there)
+# module -> the tests that cover it (files or pytest node ids; the ones a reviewer would expect to
+# catch a bug there), fastest first: a killed mutant stops at its first failing test (-x).
+_B = "tests/engine/test_behaviours.py::test_"
+_SB = "tests/service/test_behaviours.py::test_"
 MODULES: dict[str, list[str]] = {
-    "worker/engine/tuning.py": ["tests/engine/test_tuning.py", "tests/engine/test_behaviours.py"],
-    "worker/engine/mining.py": ["tests/engine/test_tuning.py", "tests/engine/test_behaviours.py"],
+    "worker/engine/tuning.py": [f"{_B}weight_decay_never_moves_a_weight_outside_every_class_mask",
+                                "tests/engine/test_tuning.py"],
+    "worker/engine/mining.py": [f"{_B}a_wrong_final_model_counts_as_confidence_zero",
+                                "tests/engine/test_tuning.py"],
     "worker/engine/slicing.py": ["tests/engine/test_slicing.py", "tests/engine/test_tuning.py"],
     "worker/engine/transform.py": ["tests/engine/test_tuning.py", "tests/engine/test_slicing.py"],
-    "worker/engine/evaluation.py": ["tests/engine/test_evaluation.py",
-                                    "tests/engine/test_behaviours.py"],
-    "worker/engine/report.py": ["tests/engine/test_report.py", "tests/engine/test_behaviours.py"],
+    "worker/engine/evaluation.py": [f"{_B}the_adaptive_attack_is_built_against_each_hardened_model",
+                                    f"{_B}adaptive_accuracy_is_the_hardened_model_on_its_own_attack",
+                                    f"{_B}evaluation_eps_reaches_every_linf_attack",
+                                    "tests/engine/test_evaluation.py"],
+    "worker/engine/report.py": [f"{_B}a_drop_exactly_at_the_budget_is_within_it",
+                                "tests/engine/test_report.py"],
     "worker/engine/attacks/base.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/fgsm.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/bim.py": ["tests/engine/test_attacks.py"],
@@ -49,15 +57,15 @@ MODULES: dict[str, list[str]] = {
     "worker/engine/attacks/__init__.py": ["tests/engine/test_attacks.py"],
     "worker/engine/archive_safety.py": ["tests/service/test_hostile.py",
                                         "tests/engine/test_modelio.py", "tests/service/test_uploads.py"],
-    "service/idempotency.py": ["tests/service/test_idempotency.py",
-                               "tests/service/test_behaviours.py"],
+    "service/idempotency.py": [f"{_SB}a_same_size_change_of_a_file_is_another_request",
+                               "tests/service/test_idempotency.py"],
     "service/quotas.py": ["tests/service/test_quotas.py"],
     "service/auth.py": ["tests/service/test_auth.py", "tests/service/test_isolation.py"],
     "service/uploads.py": ["tests/service/test_uploads.py", "tests/service/test_hostile.py"],
-    "service/reconciler.py": ["tests/service/test_reconciler.py",
-                              "tests/service/test_behaviours.py"],
-    "service/pipeline.py": ["tests/service/test_pipeline.py", "tests/service/test_reconciler.py",
-                            "tests/service/test_behaviours.py"],
+    "service/reconciler.py": [f"{_SB}a_long_stage_with_a_fresh_heartbeat_keeps_its_lease",
+                              "tests/service/test_reconciler.py"],
+    "service/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
+                            "tests/service/test_reconciler.py"],
 }
 
 # cosmic-ray operator names kept (core/<name>): each is a bug someone could write in one line.

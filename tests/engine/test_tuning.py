@@ -131,6 +131,14 @@ def test_dare_s_and_dare_sl_tune_more_weights(setup):
     assert 0 < sum(n_dare.values()) < sum(n_s.values()) < sum(n_sl.values())
     assert n_dare["fc2.weight"] == n_s["fc2.weight"] == 0 < n_sl["fc2.weight"]
     assert n_dare["fc1.weight"] < n_s["fc1.weight"]
+    # Most weights that DARE-s frees get no gradient here (dead units); weight decay moves every
+    # weight the optimiser is allowed to touch, which shows DARE-s frees all of M_T and DARE not.
+    decay = TuneConfig(epochs=1, weight_decay=0.01)
+    n_s_wd = _changed(gm, tune_dare(gm, full, mined, decay)[0])
+    n_wd = _changed(gm, tune_dare(gm, res, mined, decay)[0])
+    numel = {k: v.numel() for k, v in gm.state_dict().items()}
+    assert all(n_s_wd[k] == numel[k] for k in full.masks)
+    assert sum(n_wd[k] for k in res.masks) < sum(numel[k] for k in res.masks)
 
 
 def test_cancel_is_honoured_between_batches(setup):
