@@ -1,5 +1,6 @@
 # make demo   install, train a reference subject, run it through `dare serve` over REST
 # make test   the whole test suite (PostgreSQL and Redis must be running: see .ci/run)
+# make mutation   cosmic-ray over the core modules (hours; not part of test or CI): bench/mutation.py
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PORT   ?= 8000
 DEMO   ?= demo-out
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test serve
+.PHONY: install demo test serve mutation
 
 install: $(VENV)/.installed
 
@@ -30,3 +31,7 @@ test: install
 
 serve: install
 	$(DARE) serve --port $(PORT)
+
+# MUTATE=worker/engine/tuning.py limits it to some modules; a re-run resumes their sessions.
+mutation: install
+	nice $(PY) -m bench.mutation --out bench/results/mutation.md $(MUTATE)

@@ -131,7 +131,6 @@ def _scratch_copy(scratch: Path) -> None:
 def _env(scratch: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    env.setdefault("DARE_TEST_REDIS", "redis://127.0.0.1:6379/14")
     return env
 
 
