@@ -90,10 +90,20 @@ OPERATORS = [
 
 # Mutants judged equivalent (no behaviour changes), left out of the score:
 # (module, operator, a piece of the mutated line, why).
+# (module or "*", operator, a piece of the mutated line, why).
 EQUIVALENT: list[tuple[str, str, str, str]] = [
+    ("*", "ReplaceBinaryOperator_BitOr_BitAnd", "| None",
+     "a type annotation: with `from __future__ import annotations` it is never evaluated"),
     ("worker/engine/report.py", "ReplaceComparisonOperator_LtE_Lt",
      "original - hardened <= clean_drop_limit + _EPS",
      "with the 1e-12 tolerance '<' and '<=' differ only when the drop is exactly budget + 1e-12"),
+    ("worker/engine/report.py", "ReplaceFalseWithTrue", "allow_nan=False",
+     "_jsonable has already turned NaN and inf into null, so there is no NaN left to allow"),
+    ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
+     "the canonical dicts are built from sorted items, and a hash is only ever compared with one "
+     "made by the same code: sort_keys and ensure_ascii change no comparison"),
+    ("service/quotas.py", "NumberReplacer", "Job.status.in_(ACTIVE))) or 0",
+     "COUNT() never returns NULL, so the `or 0` fallback is never taken"),
 ]
 
 
@@ -150,10 +160,24 @@ def _mutated_line(scratch: Path, module: str, start: tuple[int, int]) -> str:
     return lines[start[0] - 1].strip() if 0 < start[0] <= len(lines) else ""
 
 
-def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: bool = True) -> Row:
+def _retest_survivors(scratch: Path, session: Path) -> None:
+    """After the tests were improved: take the tests from HEAD again and put every survivor back
+    in the queue (the killed ones stay killed: better tests do not un-kill a mutant)."""
+    import sqlite3
+
+    archive = subprocess.run(["git", "archive", "HEAD", "tests"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive, check=True)
+    with sqlite3.connect(session) as db:
+        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+
+
+def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: bool = True,
+               retest_survivors: bool = False) -> Row:
     """Mutate ``module`` for at most ``budget_s`` (resuming its session), or with ``execute``
     False only read what an earlier run of this session recorded."""
     from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
     row = Row(module)
     tests = MODULES[module]
@@ -179,6 +203,8 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
                     ["cr-filter-operators", "session.sqlite", "cr.toml"]):
             subprocess.run([str(Path(sys.executable).with_name(cmd[0])), *cmd[1:]], cwd=scratch,
                            env=env, check=True, capture_output=True)
+    if execute and retest_survivors and session.exists():
+        _retest_survivors(scratch, session)
     left = budget_s - (time.perf_counter() - t0)
     if execute and left > 0:
         try:
@@ -196,15 +222,15 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
             line = _mutated_line(scratch, module, m.start_pos)
             where = f"{module}:{m.start_pos[0]} {m.operator_name.removeprefix('core/')} `{line}`"
             row.total += 1
-            if result.test_outcome is None or str(result.worker_outcome) == "skipped":
+            if result.test_outcome is None or result.worker_outcome == WorkerOutcome.SKIPPED:
                 row.total -= 1  # filtered out
                 continue
-            if any(e[0] == module and m.operator_name.endswith(e[1]) and e[2] in line
+            if any(e[0] in (module, "*") and m.operator_name.endswith(e[1]) and e[2] in line
                    for e in EQUIVALENT):
                 row.equivalent += 1
-            elif str(result.test_outcome) == "incompetent":
+            elif result.test_outcome == TestOutcome.INCOMPETENT:
                 row.incompetent += 1
-            elif str(result.test_outcome) == "survived":
+            elif result.test_outcome == TestOutcome.SURVIVED:
                 row.survived += 1
                 row.survivors.append(where)
             elif result.output == "timeout":
@@ -264,17 +290,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-min", type=float, default=60.0, help="per module; resumable")
     ap.add_argument("--out", type=Path, default=None,
                     help="also write the report here (make mutation: bench/results/mutation.md)")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="after improving the tests: run the survivors of the chosen modules again")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tabulate the sessions earlier runs left in --scratch")
     args = ap.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         ap.error(f"not in MODULES: {', '.join(unknown)}")
-    chosen = args.modules or list(MODULES)
+    chosen = [] if args.report_only else (args.modules or list(MODULES))
     rows = []
     for module in MODULES:  # modules not chosen: what an earlier run of their session found
         if module in chosen:
             print(f"mutating {module} (at most {args.budget_min:.0f} min) ...", flush=True)
         rows.append(run_module(module, args.scratch, args.budget_min * 60,
-                               execute=module in chosen))
+                               execute=module in chosen, retest_survivors=args.retest_survivors))
         if module in chosen:
             print(table(rows[-1:]), flush=True)
     text = report(rows)

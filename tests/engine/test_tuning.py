@@ -78,21 +78,23 @@ def test_sync_keeps_weights_outside_masks_and_removed_layers_bit_identical(setup
 
 
 def test_per_step_masks_are_per_class(setup):
-    """With two classes' batches interleaved, every optimiser step moves only the key synapses of
-    the class whose batch it was: Adam's moments from the other class's steps would move more,
-    so this holds only because each step restores the weights outside its class's mask."""
+    """With three classes' batches interleaved, every batch holds one class and every optimiser
+    step moves only the key synapses of that class: Adam's moments from the other classes' steps
+    would move more, so this holds only because each step restores the weights outside its
+    class's mask."""
     gm, _, _, _, _, res, mined = setup
-    two = only_classes(mined, (3, 5))
+    three = only_classes(mined, (3, 5, 8))
     seen = []  # (class of the batch, the full model's weights before its step)
 
     def spy(model):  # DARE-adv's hook is handed the model being tuned, before every step
         def attack(x, y):
+            assert (y == y[0]).all(), y.tolist()
             seen.append((int(y[0]), {k: model.state_dict()[k].clone() for k in res.masks}))
             return x
         return attack
 
-    tuned, info = tune_dare(gm, res, two, TuneConfig(epochs=2, batch_size=8), adv_attack=spy)
-    assert len(seen) == info["steps"] and {c for c, _ in seen} == {3, 5}
+    tuned, info = tune_dare(gm, res, three, TuneConfig(epochs=2, batch_size=8), adv_attack=spy)
+    assert len(seen) == info["steps"] and {c for c, _ in seen} == {3, 5, 8}
     assert any(a != b for (a, _), (b, _) in zip(seen, seen[1:]))  # the classes alternate
     after = [w for _, w in seen[1:]] + [{k: tuned.state_dict()[k] for k in res.masks}]
     moved = 0
