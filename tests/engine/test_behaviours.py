@@ -178,6 +178,17 @@ def test_a_drop_exactly_at_the_budget_is_within_it():
     assert comp["methods"]["dare"]["within_budget"] is True
 
 
+def test_a_method_without_an_adaptive_score_ranks_last():
+    """A method whose adaptive attacks were not run has no score: it must not beat one that has."""
+    def m(adaptive):
+        return {"clean_accuracy": 0.9, "within_budget": True, "attacks": {},
+                "mean_transfer_er": 0.9 if adaptive is None else 0.1,
+                "mean_adaptive_accuracy": adaptive}
+
+    assert R.recommend({"unscored": m(None), "scored": m(0.2)}, 0.1) == "scored"
+    assert R.recommend({"unscored": m(None), "zero": m(0.0)}, 0.1) == "zero"
+
+
 # --- DARE-adv: tune.adv_eps reaches its PGD -------------------------------------------------
 
 @pytest.fixture(scope="module")
