@@ -102,6 +102,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
      "the canonical dicts are built from sorted items, and a hash is only ever compared with one "
      "made by the same code: sort_keys and ensure_ascii change no comparison"),
+    ("worker/engine/tuning.py", "NumberReplacer", "| None = None, seed: int = 0,",
+     "harmless: the default seed of tune_dare; every caller (the stages) passes the job's seed"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),
@@ -158,8 +160,11 @@ def _config(module: str, tests: list[str], timeout: float) -> str:
             f'# kept: [{ops}]\n')
 
 
-def _mutated_line(scratch: Path, module: str, start: tuple[int, int]) -> str:
-    lines = (scratch / module).read_text().splitlines()
+def _mutated_line(module: str, start: tuple[int, int]) -> str:
+    """The line as committed (the scratch copy may hold a live mutant right now)."""
+    text = subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
+                          text=True).stdout
+    lines = text.splitlines()
     return lines[start[0] - 1].strip() if 0 < start[0] <= len(lines) else ""
 
 
@@ -222,7 +227,7 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         done = {item.job_id for item, _ in db.completed_work_items}
         for item, result in db.completed_work_items:
             m = item.mutations[0]
-            line = _mutated_line(scratch, module, m.start_pos)
+            line = _mutated_line(module, m.start_pos)
             where = f"{module}:{m.start_pos[0]} {m.operator_name.removeprefix('core/')} `{line}`"
             row.total += 1
             if result.test_outcome is None or result.worker_outcome == WorkerOutcome.SKIPPED:

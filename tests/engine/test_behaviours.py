@@ -53,6 +53,23 @@ def test_weight_decay_never_moves_a_weight_outside_every_class_mask(sliced_and_m
     assert moved_inside > 0
 
 
+def test_tuning_progress_ends_at_one_and_an_empty_mined_set_changes_nothing(sliced_and_mined):
+    from worker.engine.tuning import tune_full_model
+
+    gm, res, mined = sliced_and_mined
+    two = only_classes(mined, (3, 5))
+    for tune in (lambda **kw: tune_dare(gm, res, two, **kw),
+                 lambda **kw: tune_full_model(gm, two, **kw)):
+        seen = []
+        _, info = tune(cfg=TuneConfig(epochs=3), progress=seen.append)
+        assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == 3
+        assert info["loss_first"] is not None and info["loss_last"] is not None
+    empty = only_classes(mined, ())
+    for model, _ in (tune_dare(gm, res, empty, TuneConfig(epochs=2)),
+                     tune_full_model(gm, empty, TuneConfig(epochs=2))):
+        assert all(torch.equal(v, gm.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 # --- mining ---------------------------------------------------------------------------------
 
 def _biased(gm, probs: list[float]):
@@ -187,6 +204,25 @@ def test_a_method_without_an_adaptive_score_ranks_last():
 
     assert R.recommend({"unscored": m(None), "scored": m(0.2)}, 0.1) == "scored"
     assert R.recommend({"unscored": m(None), "zero": m(0.0)}, 0.1) == "zero"
+
+
+def test_report_files_take_numpy_and_torch_scalars_and_can_be_rewritten(tmp_path):
+    import numpy as np
+
+    rep = {"a": np.float32(0.5), "b": torch.tensor(2), "c": [np.int64(3)], "d": float("nan")}
+    assert R._jsonable(rep) == {"a": 0.5, "b": 2, "c": [3], "d": None}
+    out = tmp_path / "artifacts"
+    out.mkdir()  # a re-run stage writes into the directory it left
+    for _ in range(2):
+        paths = R.write_report(_minimal_report(), out)
+    assert json.loads(paths["report.json"].read_text())["method"] == "dare"
+
+
+def _minimal_report() -> dict:
+    ev = {"protocol": "fixed_eps", "clean": {"original": 0.8, "dare": 0.75}, "attacks": {},
+          "sanity_checks": []}
+    return R.build_report(config={}, versions={}, timings_s={}, evaluation=ev, chosen="dare",
+                          clean_drop_limit=0.1, slicing={}, mining={}, comparison=None)
 
 
 # --- DARE-adv: tune.adv_eps reaches its PGD -------------------------------------------------
