@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "mutation.md"
+KEEP = "<!-- kept by bench/mutation.py: hand-written below -->"
 
 # module -> the tests that cover it (files or pytest node ids; the ones a reviewer would expect to
 # catch a bug there), fastest first: a killed mutant stops at its first failing test (-x).
@@ -318,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows)
     print(text)
     if args.out:
+        # a hand-written part below KEEP (e.g. mutants applied by hand) survives a re-run
+        kept = args.out.read_text().partition(KEEP)[2] if args.out.exists() else ""
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        args.out.write_text(text + ("\n" + KEEP + kept if kept else ""))
     return 0
 
 
