@@ -102,8 +102,11 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
      "the canonical dicts are built from sorted items, and a hash is only ever compared with one "
      "made by the same code: sort_keys and ensure_ascii change no comparison"),
-    ("worker/engine/tuning.py", "NumberReplacer", "| None = None, seed: int = 0,",
-     "harmless: the default seed of tune_dare; every caller (the stages) passes the job's seed"),
+    ("worker/engine/tuning.py", "NumberReplacer", "seed: int = 0,",
+     "harmless: a default seed (tune_dare, tune_full_model); the stages always pass the job's"),
+    ("worker/engine/tuning.py", "NumberReplacer", "c = int(y[b[0]])",
+     "every batch holds one class, so any of its samples names the batch's class (b[1] differs "
+     "only for a one-sample batch, where it raises)"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),

@@ -70,6 +70,21 @@ def test_tuning_progress_ends_at_one_and_an_empty_mined_set_changes_nothing(slic
         assert all(torch.equal(v, gm.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_dare_sl_reports_the_mean_loss_of_its_first_epoch(sliced_and_mined):
+    """With a vanishing learning rate the first epoch's mean loss is the model's own
+    cross-entropy against the tutor's distribution over the whole mined set."""
+    import torch.nn.functional as F
+
+    from worker.engine.tuning import tune_full_model
+
+    gm, _, mined = sliced_and_mined
+    _, info = tune_full_model(gm, mined, TuneConfig(epochs=1, lr=1e-12, batch_size=16))
+    with torch.no_grad():
+        want = F.cross_entropy(gm(mined.x), torch.softmax(mined.tutor_logits.float(), 1))
+    assert info["loss_first"] == pytest.approx(float(want), rel=1e-4)
+    assert info["loss_last"] == info["loss_first"]
+
+
 # --- mining ---------------------------------------------------------------------------------
 
 def _biased(gm, probs: list[float]):
