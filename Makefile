@@ -1,6 +1,7 @@
 # make demo   install, train a reference subject, run it through `dare serve` over REST
 # make test   the whole test suite; brings what it needs first (.ci/prepare: Debian packages,
 #             PostgreSQL and Redis started when they are not running)
+# make mutation   cosmic-ray over the core modules (hours; not part of test or CI): bench/mutation.py
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PORT   ?= 8000
 DEMO   ?= demo-out
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test serve prepare
+.PHONY: install demo test serve prepare mutation
 
 install: $(VENV)/.installed
 
@@ -34,3 +35,7 @@ test: prepare install
 
 serve: install
 	$(DARE) serve --port $(PORT)
+
+# MUTATE=worker/engine/tuning.py limits it to some modules; a re-run resumes their sessions.
+mutation: install
+	nice $(PY) -m bench.mutation --out bench/results/mutation.md $(MUTATE)

@@ -9,7 +9,7 @@ from worker.engine.profiling import profile
 from worker.engine.slicing import full_slice, slice_model
 from worker.engine.tuning import tune_dare, tune_full_model
 
-from .tiny import trained
+from .tiny import only_classes, trained
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +78,32 @@ def test_sync_keeps_weights_outside_masks_and_removed_layers_bit_identical(setup
 
 
 def test_per_step_masks_are_per_class(setup):
-    """A single class's batches move only that class's key synapses."""
+    """With three classes' batches interleaved, every batch holds one class and every optimiser
+    step moves only the key synapses of that class: Adam's moments from the other classes' steps
+    would move more, so this holds only because each step restores the weights outside its
+    class's mask."""
     gm, _, _, _, _, res, mined = setup
-    only = (mined.y == 3)
-    one = type(mined)(**{**mined.to_state(), "x": mined.x[only], "y": mined.y[only],
-                         "target": mined.target[only], "tutor": mined.tutor[only],
-                         "tutor_logits": mined.tutor_logits[only]})
-    tuned, _ = tune_dare(gm, res, one, TuneConfig(epochs=3))
-    for k, m in res.masks.items():
-        outside = ~m[3]
-        assert torch.equal(gm.state_dict()[k][outside], tuned.state_dict()[k][outside]), k
+    three = only_classes(mined, (3, 5, 8))
+    seen = []  # (class of the batch, the full model's weights before its step)
+
+    def spy(model):  # DARE-adv's hook is handed the model being tuned, before every step
+        def attack(x, y):
+            assert (y == y[0]).all(), y.tolist()
+            seen.append((int(y[0]), {k: model.state_dict()[k].clone() for k in res.masks}))
+            return x
+        return attack
+
+    tuned, info = tune_dare(gm, res, three, TuneConfig(epochs=2, batch_size=8), adv_attack=spy)
+    assert len(seen) == info["steps"] and {c for c, _ in seen} == {3, 5, 8}
+    assert any(a != b for (a, _), (b, _) in zip(seen, seen[1:]))  # the classes alternate
+    after = [w for _, w in seen[1:]] + [{k: tuned.state_dict()[k] for k in res.masks}]
+    moved = 0
+    for (c, before), now in zip(seen, after):
+        for k, m in res.masks.items():
+            changed = before[k] != now[k]
+            assert not (changed & ~m[c]).any(), (c, k)
+            moved += int(changed.sum())
+    assert moved > 0
 
 
 def test_dare_keeps_clean_accuracy_pinned(setup):
@@ -98,13 +114,33 @@ def test_dare_keeps_clean_accuracy_pinned(setup):
     assert after >= before - 0.03
 
 
+def _changed(a, b) -> dict[str, int]:
+    sa, sb = a.state_dict(), b.state_dict()
+    return {k: int((sa[k] != sb[k]).sum()) for k in sa}
+
+
 def test_dare_s_and_dare_sl_tune_more_weights(setup):
-    gm, _, _, info, prof, _, mined = setup
-    tuned_s, _ = tune_dare(gm, full_slice(info, prof, 1), mined, TuneConfig(epochs=2))
-    assert not torch.equal(gm.state_dict()["fc1.weight"], tuned_s.state_dict()["fc1.weight"])
-    assert torch.equal(gm.state_dict()["fc2.weight"], tuned_s.state_dict()["fc2.weight"])
-    tuned_sl, _ = tune_full_model(gm, mined, TuneConfig(epochs=2))
-    assert not torch.equal(gm.state_dict()["fc2.weight"], tuned_sl.state_dict()["fc2.weight"])
+    """DARE-s frees every weight of M_T (no slicing), DARE-sl every weight of M: on the same mined
+    set each moves strictly more weights than the one before it, and only DARE-sl the last layer."""
+    gm, _, _, info, prof, res, mined = setup
+    cfg = TuneConfig(epochs=2)
+    dare, _ = tune_dare(gm, res, mined, cfg)
+    full = full_slice(info, prof, 1)
+    assert sum(int(m.sum()) for m in full.masks.values()) > sum(int(m.sum()) for m in res.masks.values())
+    dare_s, _ = tune_dare(gm, full, mined, cfg)
+    dare_sl, _ = tune_full_model(gm, mined, cfg)
+    n_dare, n_s, n_sl = (_changed(gm, m) for m in (dare, dare_s, dare_sl))
+    assert 0 < sum(n_dare.values()) < sum(n_s.values()) < sum(n_sl.values())
+    assert n_dare["fc2.weight"] == n_s["fc2.weight"] == 0 < n_sl["fc2.weight"]
+    assert n_dare["fc1.weight"] < n_s["fc1.weight"]
+    # Most weights that DARE-s frees get no gradient here (dead units); weight decay moves every
+    # weight the optimiser is allowed to touch, which shows DARE-s frees all of M_T and DARE not.
+    decay = TuneConfig(epochs=1, weight_decay=0.01)
+    n_s_wd = _changed(gm, tune_dare(gm, full, mined, decay)[0])
+    n_wd = _changed(gm, tune_dare(gm, res, mined, decay)[0])
+    numel = {k: v.numel() for k, v in gm.state_dict().items()}
+    assert all(n_s_wd[k] == numel[k] for k in full.masks)
+    assert sum(n_wd[k] for k in res.masks) < sum(numel[k] for k in res.masks)
 
 
 def test_cancel_is_honoured_between_batches(setup):

@@ -60,3 +60,12 @@ def trained(epochs: int = 8):
     m.eval()
     ep = torch.export.export(m, (data.x_train[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
     return plain_graph_module(ep.module()), history, data
+
+
+def only_classes(mined, classes: tuple[int, ...]):
+    """The part of a ``MinedSet`` whose labels are in ``classes``."""
+    from worker.engine.mining import MinedSet
+
+    keep = torch.isin(mined.y, torch.tensor(classes))
+    per_sample = ("x", "y", "target", "tutor", "tutor_logits")
+    return MinedSet(**{**mined.to_state(), **{k: getattr(mined, k)[keep] for k in per_sample}})

@@ -1,0 +1,332 @@
+"""Mutation testing of the core modules with cosmic-ray: does the suite notice a one-line bug?
+
+    python -m bench.mutation                      # every module in MODULES (hours)
+    python -m bench.mutation worker/engine/tuning.py service/quotas.py --budget-min 20
+
+Why cosmic-ray (8.x): it mutates one module on disk and runs any shell command as the test, so
+each module is checked against exactly the test files that cover it (MODULES below), with the
+real PostgreSQL, Redis and subprocesses those tests use; its sessions are SQLite files that a
+later run resumes, which matters when a module takes longer than one sitting. mutmut 3 runs
+mutants in forked copies of one pytest process, which does not mix well with tests that start
+servers and workers.
+
+Each module is mutated in its own scratch copy of the repository (``--scratch``, outside the
+work tree), so the checkout is never touched. Only operators that make a plausible one-line bug
+are used (OPERATORS); cosmic-ray's full set adds every binary operator for every other, which
+multiplies the count by ten with mutants nobody would write. A timed-out run counts as killed
+by cosmic-ray; it is shown in its own column. The per-module table is printed and written to
+bench/results/mutation.md, with the mutants judged equivalent (EQUIVALENT) left out of the score.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP = "<!-- kept by bench/mutation.py: hand-written below -->"
+
+# module -> the tests that cover it (files or pytest node ids; the ones a reviewer would expect to
+# catch a bug there), fastest first: a killed mutant stops at its first failing test (-x).
+_B = "tests/engine/test_behaviours.py::test_"
+_SB = "tests/service/test_behaviours.py::test_"
+MODULES: dict[str, list[str]] = {
+    "worker/engine/tuning.py": [f"{_B}weight_decay_never_moves_a_weight_outside_every_class_mask",
+                                "tests/engine/test_tuning.py"],
+    "worker/engine/mining.py": [f"{_B}a_wrong_final_model_counts_as_confidence_zero",
+                                "tests/engine/test_tuning.py"],
+    "worker/engine/slicing.py": ["tests/engine/test_slicing.py", "tests/engine/test_tuning.py"],
+    "worker/engine/transform.py": ["tests/engine/test_tuning.py", "tests/engine/test_slicing.py"],
+    "worker/engine/evaluation.py": [f"{_B}the_adaptive_attack_is_built_against_each_hardened_model",
+                                    f"{_B}adaptive_accuracy_is_the_hardened_model_on_its_own_attack",
+                                    f"{_B}evaluation_eps_reaches_every_linf_attack",
+                                    "tests/engine/test_evaluation.py"],
+    "worker/engine/report.py": [f"{_B}a_drop_exactly_at_the_budget_is_within_it",
+                                "tests/engine/test_report.py"],
+    "worker/engine/attacks/base.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/fgsm.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/bim.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/pgd.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/cw.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/jsma.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/minimal.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/__init__.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/archive_safety.py": ["tests/service/test_hostile.py",
+                                        "tests/engine/test_modelio.py", "tests/service/test_uploads.py"],
+    "service/idempotency.py": [f"{_SB}a_same_size_change_of_a_file_is_another_request",
+                               "tests/service/test_idempotency.py"],
+    "service/quotas.py": ["tests/service/test_quotas.py"],
+    "service/auth.py": ["tests/service/test_auth.py", "tests/service/test_isolation.py"],
+    "service/uploads.py": ["tests/service/test_uploads.py", "tests/service/test_hostile.py"],
+    "service/reconciler.py": [f"{_SB}a_long_stage_with_a_fresh_heartbeat_keeps_its_lease",
+                              "tests/service/test_reconciler.py"],
+    "service/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
+                            "tests/service/test_reconciler.py"],
+}
+
+# cosmic-ray operator names kept (core/<name>): each is a bug someone could write in one line.
+OPERATORS = [
+    "ReplaceBinaryOperator_Add_Sub", "ReplaceBinaryOperator_Sub_Add",
+    "ReplaceBinaryOperator_Mul_Div", "ReplaceBinaryOperator_Div_Mul",
+    "ReplaceBinaryOperator_FloorDiv_Mul", "ReplaceBinaryOperator_Mod_FloorDiv",
+    "ReplaceBinaryOperator_Pow_Mul", "ReplaceBinaryOperator_BitAnd_BitOr",
+    "ReplaceBinaryOperator_BitOr_BitAnd",
+    "ReplaceComparisonOperator_Eq_NotEq", "ReplaceComparisonOperator_NotEq_Eq",
+    "ReplaceComparisonOperator_Lt_LtE", "ReplaceComparisonOperator_LtE_Lt",
+    "ReplaceComparisonOperator_Gt_GtE", "ReplaceComparisonOperator_GtE_Gt",
+    "ReplaceComparisonOperator_Lt_GtE", "ReplaceComparisonOperator_LtE_Gt",
+    "ReplaceComparisonOperator_Gt_LtE", "ReplaceComparisonOperator_GtE_Lt",
+    "ReplaceComparisonOperator_Is_IsNot", "ReplaceComparisonOperator_IsNot_Is",
+    "ReplaceUnaryOperator_USub_UAdd", "ReplaceUnaryOperator_Delete_Not",
+    "ReplaceUnaryOperator_Delete_Invert",
+    "AddNot", "ReplaceTrueWithFalse", "ReplaceFalseWithTrue", "ReplaceAndWithOr",
+    "ReplaceOrWithAnd", "ReplaceBreakWithContinue", "ReplaceContinueWithBreak",
+    "NumberReplacer", "ZeroIterationForLoop", "ExceptionReplacer",
+]
+
+# Mutants judged equivalent (no behaviour changes), left out of the score:
+# (module, operator, a piece of the mutated line, why).
+# (module or "*", operator, a piece of the mutated line, why).
+EQUIVALENT: list[tuple[str, str, str, str]] = [
+    ("*", "ReplaceBinaryOperator_BitOr_BitAnd", "| None",
+     "a type annotation: with `from __future__ import annotations` it is never evaluated"),
+    ("worker/engine/report.py", "ReplaceComparisonOperator_LtE_Lt",
+     "original - hardened <= clean_drop_limit + _EPS",
+     "with the 1e-12 tolerance '<' and '<=' differ only when the drop is exactly budget + 1e-12"),
+    ("worker/engine/report.py", "ReplaceFalseWithTrue", "allow_nan=False",
+     "_jsonable has already turned NaN and inf into null, so there is no NaN left to allow"),
+    ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
+     "the canonical dicts are built from sorted items, and a hash is only ever compared with one "
+     "made by the same code: sort_keys and ensure_ascii change no comparison"),
+    ("worker/engine/tuning.py", "NumberReplacer", "seed: int = 0,",
+     "harmless: a default seed (tune_dare, tune_full_model); the stages always pass the job's"),
+    ("worker/engine/tuning.py", "NumberReplacer", "c = int(y[b[0]])",
+     "every batch holds one class, so any of its samples names the batch's class (b[1] differs "
+     "only for a one-sample batch, where it raises)"),
+    ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
+     "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
+     "README promises the header, which test_quotas checks, not its number)"),
+    ("service/quotas.py", "NumberReplacer", "Job.status.in_(ACTIVE))) or 0",
+     "COUNT() never returns NULL, so the `or 0` fallback is never taken"),
+]
+
+
+@dataclass
+class Row:
+    module: str
+    total: int = 0
+    killed: int = 0
+    survived: int = 0
+    timed_out: int = 0
+    incompetent: int = 0
+    pending: int = 0
+    equivalent: int = 0
+    seconds: float = 0.0
+    survivors: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def score(self) -> float | None:
+        done = self.killed + self.timed_out + self.survived
+        return (self.killed + self.timed_out) / done if done else None
+
+
+def _scratch_copy(scratch: Path) -> None:
+    """The committed tree (HEAD): what is mutated is what the commit holds, and edits made in the
+    work tree meanwhile cannot leak into a run."""
+    if scratch.exists():
+        return  # resume: the session file lives beside it
+    scratch.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive, check=True)
+
+
+def _env(scratch: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def _config(module: str, tests: list[str], timeout: float) -> str:
+    cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider " + " ".join(tests)
+    ops = ", ".join(f'"core/{o}"' for o in OPERATORS)
+    return (f'[cosmic-ray]\nmodule-path = "{module}"\ntimeout = {timeout:.0f}\n'
+            f'excluded-modules = []\ntest-command = "{cmd}"\n\n'
+            f'[cosmic-ray.distributor]\nname = "local"\n\n'
+            # the filter takes regular expressions of operators to drop: all but OPERATORS
+            f'[cosmic-ray.filters.operators-filter]\nexclude-operators = ["^(?!core/({"|".join(OPERATORS)})$)"]\n'
+            f'# kept: [{ops}]\n')
+
+
+def _mutated_line(module: str, start: tuple[int, int]) -> str:
+    """The line as committed (the scratch copy may hold a live mutant right now)."""
+    text = subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
+                          text=True).stdout
+    lines = text.splitlines()
+    return lines[start[0] - 1].strip() if 0 < start[0] <= len(lines) else ""
+
+
+def _retest_survivors(scratch: Path, session: Path) -> None:
+    """After the tests were improved: take the tests from HEAD again and put every survivor back
+    in the queue (the killed ones stay killed: better tests do not un-kill a mutant)."""
+    import sqlite3
+
+    archive = subprocess.run(["git", "archive", "HEAD", "tests"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive, check=True)
+    with sqlite3.connect(session) as db:
+        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+
+
+def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: bool = True,
+               retest_survivors: bool = False) -> Row:
+    """Mutate ``module`` for at most ``budget_s`` (resuming its session), or with ``execute``
+    False only read what an earlier run of this session recorded."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    row = Row(module)
+    tests = MODULES[module]
+    scratch = scratch_root / module.replace("/", "_").removesuffix(".py")
+    session = scratch / "session.sqlite"
+    if not execute and not session.exists():
+        row.note = "not run yet"
+        return row
+    _scratch_copy(scratch)
+    t0 = time.perf_counter()
+    env = _env(scratch)
+    if not session.exists():
+        # the baseline (unmutated) run both checks the tests pass and sizes the timeout
+        b0 = time.perf_counter()
+        base = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               *tests], cwd=scratch, env=env, capture_output=True, text=True)
+        if base.returncode != 0:
+            row.note = "baseline failed: " + (base.stdout.strip().splitlines() or ["?"])[-1]
+            return row
+        timeout = max(60.0, 3 * (time.perf_counter() - b0))
+        (scratch / "cr.toml").write_text(_config(module, tests, timeout))
+        for cmd in (["cosmic-ray", "init", "cr.toml", "session.sqlite"],
+                    ["cr-filter-operators", "session.sqlite", "cr.toml"]):
+            subprocess.run([str(Path(sys.executable).with_name(cmd[0])), *cmd[1:]], cwd=scratch,
+                           env=env, check=True, capture_output=True)
+    if execute and retest_survivors and session.exists():
+        _retest_survivors(scratch, session)
+    left = budget_s - (time.perf_counter() - t0)
+    if execute and left > 0:
+        try:
+            subprocess.run([str(Path(sys.executable).with_name("cosmic-ray")), "exec", "cr.toml",
+                            "session.sqlite"], cwd=scratch, env=env, timeout=left,
+                           capture_output=True)
+        except subprocess.TimeoutExpired:
+            pass
+    row.seconds = time.perf_counter() - t0
+    row.seconds += _recorded_seconds(scratch, row.seconds if execute else 0.0)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        done = {item.job_id for item, _ in db.completed_work_items}
+        for item, result in db.completed_work_items:
+            m = item.mutations[0]
+            line = _mutated_line(module, m.start_pos)
+            where = f"{module}:{m.start_pos[0]} {m.operator_name.removeprefix('core/')} `{line}`"
+            row.total += 1
+            if result.test_outcome is None or result.worker_outcome == WorkerOutcome.SKIPPED:
+                row.total -= 1  # filtered out
+                continue
+            if any(e[0] in (module, "*") and m.operator_name.endswith(e[1]) and e[2] in line
+                   for e in EQUIVALENT):
+                row.equivalent += 1
+            elif result.test_outcome == TestOutcome.INCOMPETENT:
+                row.incompetent += 1
+            elif result.test_outcome == TestOutcome.SURVIVED:
+                row.survived += 1
+                row.survivors.append(where)
+            elif result.output == "timeout":
+                row.timed_out += 1
+            else:
+                row.killed += 1
+        row.pending = sum(1 for item in db.pending_work_items if item.job_id not in done)
+        row.total += row.pending
+    if row.pending:
+        row.note = f"{row.pending} mutants not run yet (budget spent; run again to resume)"
+    return row
+
+
+def _recorded_seconds(scratch: Path, add: float) -> float:
+    """Minutes spent on this module by earlier runs of its session (kept beside it)."""
+    f = scratch / "seconds.txt"
+    before = float(f.read_text()) if f.exists() else 0.0
+    f.write_text(str(before + add))
+    return before
+
+
+def table(rows: list[Row]) -> str:
+    out = ["| module | mutants | killed | survived | timed out | incompetent | equivalent "
+           "| not run | killed % | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        score = f"{100 * r.score:.0f}" if r.score is not None else "-"
+        if r.note == "not run yet" or r.note.startswith("baseline"):
+            out.append(f"| {r.module} | - | - | - | - | - | - | all | - | - |")
+            continue
+        out.append(f"| {r.module} | {r.total} | {r.killed} | {r.survived} | {r.timed_out} | "
+                   f"{r.incompetent} | {r.equivalent} | {r.pending} | {score} | "
+                   f"{r.seconds / 60:.1f} |")
+    return "\n".join(out)
+
+
+def report(rows: list[Row]) -> str:
+    """The markdown for bench/results/mutation.md: table, survivors, equivalents, notes."""
+    lines = ["# Mutation testing (cosmic-ray, `make mutation`)", "",
+             "Killed % = (killed + timed out) / (killed + timed out + survived); equivalent "
+             "mutants are left out. Produced by `python -m bench.mutation`.", "", table(rows), ""]
+    survivors = [(r.module, s) for r in rows for s in r.survivors]
+    if survivors:
+        lines += ["## Survivors", ""] + [f"- {s}" for _, s in survivors] + [""]
+    lines += ["## Equivalent mutants (left out of the score)", ""]
+    lines += [f"- {m} {o} `{frag}`: {why}" for m, o, frag, why in EQUIVALENT] + [""]
+    notes = [f"- {r.module}: {r.note}" for r in rows if r.note]
+    if notes:
+        lines += ["## Notes", ""] + notes + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("modules", nargs="*", help=f"default: all {len(MODULES)} in MODULES")
+    ap.add_argument("--scratch", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp"))
+                    / "dare-mutation", help="where the per-module copies and sessions live")
+    ap.add_argument("--budget-min", type=float, default=60.0, help="per module; resumable")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the report here (make mutation: bench/results/mutation.md)")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="after improving the tests: run the survivors of the chosen modules again")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tabulate the sessions earlier runs left in --scratch")
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"not in MODULES: {', '.join(unknown)}")
+    chosen = [] if args.report_only else (args.modules or list(MODULES))
+    rows = []
+    for module in MODULES:  # modules not chosen: what an earlier run of their session found
+        if module in chosen:
+            print(f"mutating {module} (at most {args.budget_min:.0f} min) ...", flush=True)
+        rows.append(run_module(module, args.scratch, args.budget_min * 60,
+                               execute=module in chosen, retest_survivors=args.retest_survivors))
+        if module in chosen:
+            print(table(rows[-1:]), flush=True)
+    text = report(rows)
+    print(text)
+    if args.out:
+        # a hand-written part below KEEP (e.g. mutants applied by hand) survives a re-run
+        kept = args.out.read_text().partition(KEEP)[2] if args.out.exists() else ""
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + ("\n" + KEEP + kept if kept else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
