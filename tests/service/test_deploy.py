@@ -25,7 +25,9 @@ def _dockerfile_cmd(name: str) -> list[str]:
 
 def test_compose_has_the_five_services_and_a_gpu_worker():
     svc = _compose()["services"]
-    assert set(svc) == {"api", "worker", "postgres", "redis", "migrate"}
+    default = {k for k, v in svc.items() if not v.get("profiles")}  # what a plain `up` starts
+    assert default == {"api", "worker", "postgres", "redis", "migrate"}
+    assert {k for k in svc if k not in default} == {"prometheus", "grafana"}  # --profile monitoring
     assert svc["worker"]["build"]["dockerfile"] == "docker/worker.Dockerfile"
     assert svc["api"]["build"]["dockerfile"] == "docker/api.Dockerfile"
     devices = svc["worker"]["deploy"]["resources"]["reservations"]["devices"]

@@ -200,7 +200,9 @@ def test_waiting_for_an_inspector_holds_no_thread_and_ends_in_a_503(settings):
 
     s = settings.model_copy(update={"submit_inspection": "subprocess",
                                     "inspection_max_concurrent": 2,
-                                    "inspection_queue_timeout_s": 2.0})
+                                    "inspection_queue_timeout_s": 2.0,
+                                    # all 45 from one tenant reach the inspector's queue
+                                    "max_inflight_submissions_per_tenant": 100})
     app = create_app(s, dispatcher=RecordingDispatcher())
     app.state.inspector = Inspector(s, target=f"{PROBES}:slow")
     files = corpus.valid_files()
