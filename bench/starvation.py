@@ -26,7 +26,7 @@ import httpx
 
 from service.client import wait_ready
 
-from .latency import DARE, ensure_subject, free_port
+from .latency import DARE, PG_ADMIN, ensure_subject, free_port
 
 
 def post(base: str, subject: Path) -> tuple[int, float]:
@@ -38,13 +38,15 @@ def post(base: str, subject: Path) -> tuple[int, float]:
     return r.status_code, time.perf_counter() - t0
 
 
-def run(subject: Path, n: int, scratch: Path) -> dict:
+def run(subject: Path, n: int, scratch: Path, database_url: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DARE_AUTH": "open",
            "DARE_HOME": str(scratch / "var"), "DARE_SUBMIT_INSPECTION": "subprocess",
            "DARE_INSPECTION_FORK_SERVER": "true", "DARE_RECONCILE_INTERVAL_S": "0",
            "DARE_MAX_ACTIVE_JOBS_PER_TENANT": str(n + 10),
            "DARE_MAX_INFLIGHT_SUBMISSIONS_PER_TENANT": str(n),  # all N in flight at once
            "DARE_INSPECTION_QUEUE_TIMEOUT_S": "600"}  # they wait for an inspector, not 503
+    if database_url:
+        env["DARE_DATABASE_URL"] = database_url
     subprocess.run([*DARE, "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     log = (scratch / "api.log").open("wb")
@@ -86,20 +88,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--subject", type=Path, default=Path("demo-out/subject"))
+    ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite",
+                    help="postgres: a scratch database on 127.0.0.1:5432, dropped afterwards")
     args = ap.parse_args(argv)
     subject = ensure_subject(args.subject)
     scratch = Path(tempfile.mkdtemp(prefix="dare-bench-starvation-"))
+    admin, url = None, None
+    if args.db == "postgres":
+        from sqlalchemy import create_engine, text
+
+        db = f"dare_bench_starvation_{os.getpid()}"
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{db}"'))
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
     try:
-        res = run(subject, args.n, scratch)
+        res = run(subject, args.n, scratch, url)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if admin is not None:
+            with admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
     ms = sorted(r * 1000 for r in res["reads"])
     codes: dict[int, int] = {}
     for code, _ in res["answers"]:
         codes[code] = codes.get(code, 0) + 1
     post_s = sorted(t for _, t in res["answers"])
     print(f"\nGET /v1/jobs?limit=20 every 100 ms while {res['n']} POSTs of the digits subject are in "
-          f"flight (dare api, SQLite, inspection on, {os.cpu_count()} CPUs)")
+          f"flight (dare api, {args.db}, inspection on, {os.cpu_count()} CPUs)")
     print(f"{'reads':>6}{'median ms':>11}{'p99 ms':>9}{'worst ms':>10}   POST answers      "
           f"POST s (median / max)   wall s")
     p99 = ms[max(0, int(round(0.99 * len(ms))) - 1)]
