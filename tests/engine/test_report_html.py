@@ -324,3 +324,31 @@ if __name__ == "__main__":
         _save_screenshot(Path(sys.argv[2]))
     else:
         raise SystemExit("usage: python -m tests.engine.test_report_html --regenerate | --screenshot PATH")
+
+
+def _minimal_report(orig: list[float | None], hard: list[float | None]) -> dict:
+    """A minimal-protocol report whose attacks have these median sizes (None: infinite), and an
+    adaptive accuracy that a failed attack on a few points has pushed up (what used to decide)."""
+    rep = {"method": "dare", "protocol": "minimal", "clean_accuracy": {
+        "original": 0.9, "hardened": 0.9, "drop": 0.0, "budget": 0.1, "within_budget": True},
+        "sanity_checks": [], "attacks": {}}
+    for name, o, h in zip(("fgsm", "pgd", "jsma"), orig, hard):
+        rep["attacks"][name] = {
+            "n": 90, "original_accuracy": 0.0, "adaptive_accuracy": 0.3, "transfer_er": 0.5,
+            "minimal_perturbation": {
+                "norm": "linf",
+                "original": {"n": 90, "median": o, "q1": o, "q3": None, "failed": 30},
+                "hardened": {"n": 90, "median": h, "q1": h, "q3": None, "failed": 30}}}
+    return rep
+
+
+def test_minimal_protocol_verdict_is_the_perturbation_size_not_adaptive_accuracy():
+    same = H.headline(_minimal_report([0.08, 0.08, 6.0], [0.081, 0.079, 6.0]))
+    assert "NO CLEAR CHANGE" in same and "RAISED" not in same  # adaptive 0% -> 30% is not it
+    larger = H.headline(_minimal_report([0.08, 0.08, 6.0], [0.1, 0.12, None]))
+    assert "LARGER" in larger and "larger in 3 of 3" in larger
+    smaller = H.headline(_minimal_report([0.08, 0.08, 6.0], [0.05, 0.06, 6.0]))
+    assert "SMALLER" in smaller
+    # an unreachable quartile is infinity, not 0
+    page = render_html(_minimal_report([0.08, 0.08, 6.0], [0.1, 0.12, None]))
+    assert "to ∞" in page and "to 0;" not in page

@@ -390,7 +390,8 @@ def budget_grid(sizes: dict, steps: int = 11) -> list[float]:
     finite = [float(v[torch.isfinite(v)].max()) for v in sizes.values()
               if len(v) and torch.isfinite(v).any()]
     top = max(finite, default=0.0) or 1.0
-    return [round(top * i / (steps - 1), 6) for i in range(steps)]
+    # three significant digits: the curve's axis labels stay short, and any grid will do
+    return [float(f"{top * i / (steps - 1):.3g}") for i in range(steps)]
 
 
 def _autoattack(models, names, x, y, eps, cfg, seed, dev, meter, cancelled, checks_out) -> dict:

@@ -46,6 +46,7 @@ SERIES = (("original_accuracy", "original model, attacked itself", ORIGINAL),
 
 REDACTED_CONFIG_KEYS = ("webhook_url",)  # may carry a secret token; the page gets shared around
 _RAISE_TOL = 0.0005  # below 0.05 points a change is reported as "no change"
+_SIZE_TOL = 0.05  # minimal protocol: a median perturbation within 5 % counts as unchanged
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -348,7 +349,25 @@ def headline(report: dict) -> str:
     pairs = [(o, h) for o, h in pairs if o is not None and h is not None]
     aa = attacks.get("autoattack", {})
     rob_title = "Robustness (adaptive attack)"
-    if headline_attack(attacks) or pairs:
+    sizes = minimal_sizes(attacks)
+    if sizes:
+        # Under the minimal protocol every attack is unbounded and nearly always succeeds, so the
+        # adaptive accuracy says little (an attack that failed on a few points moves it): the
+        # headline is how much larger the hardened model's median minimal perturbation is.
+        rob_title = "Robustness (minimal perturbation size)"
+        larger = [n for n, (o, h) in sizes.items() if h > o * (1 + _SIZE_TOL)]
+        smaller = [n for n, (o, h) in sizes.items() if h < o * (1 - _SIZE_TOL)]
+        word = ("LARGER" if len(larger) > len(sizes) / 2 else
+                "SMALLER" if len(smaller) > len(sizes) / 2 else "NO CLEAR CHANGE")
+        detail = "; ".join(f"{n.upper()} {_size(o)} → {_size(h)}" for n, (o, h) in sizes.items())
+        rob = ({"LARGER": True, "SMALLER": False}.get(word), word,
+               f"Median minimal perturbation, original → hardened: {detail}. Larger in "
+               f"{len(larger)} and smaller in {len(smaller)} of {len(sizes)} attacks (a change "
+               f"under {_SIZE_TOL:.0%} counts as none). Adaptive accuracy is not the measure "
+               "here: unbounded attacks succeed almost always.")
+        rob_sentence = (f"made the minimal perturbation larger in {len(larger)} of {len(sizes)} "
+                        f"attacks and smaller in {len(smaller)}")
+    elif headline_attack(attacks) or pairs:
         if headline_attack(attacks):
             # AutoAttack's robust accuracy is the headline: the field's standard number.
             before, after = _num(aa["original_accuracy"]), _num(aa["adaptive_accuracy"])
@@ -481,6 +500,27 @@ def cw_note(cw: dict, method: str) -> str:
             f'{_e(q(st.get("hardened")))}.</p>')
 
 
+def _size(v: object) -> str:
+    """A perturbation size; None stands for infinity (the attack failed on that share of the
+    points, and JSON has no infinity)."""
+    n = _num(v)
+    return "∞" if n is None else f"{n:.4g}"
+
+
+def minimal_sizes(attacks: dict) -> dict[str, tuple[float, float]]:
+    """{attack: (original median, hardened median)} where the minimal protocol measured both;
+    a median the attack could not reach (None) counts as infinite."""
+    out = {}
+    for name, a in attacks.items():
+        mp = _dict(_dict(a).get("minimal_perturbation"))
+        o, h = _dict(mp.get("original")), _dict(mp.get("hardened"))
+        if not o.get("n") or not h.get("n"):
+            continue
+        out[name] = tuple(float("inf") if _num(d.get("median")) is None else float(d["median"])
+                          for d in (o, h))
+    return out
+
+
 def minimal_section(attacks: dict, method: str) -> str:
     """Minimal protocol: per attack, the distribution of minimal perturbation sizes (median,
     quartiles) and robust accuracy as a function of the budget, original and hardened."""
@@ -493,10 +533,10 @@ def minimal_section(attacks: dict, method: str) -> str:
 
         def q(d):
             d = _dict(d)
-            if _num(d.get("median")) is None:
+            if not d.get("n"):
                 return "n/a"
-            return (f"median {d['median']:.4g} (quartiles {_num(d.get('q1')) or 0:.4g} to "
-                    f"{_num(d.get('q3')) or 0:.4g}; attack failed on {d.get('failed', 0)})")
+            return (f"median {_size(d.get('median'))} (quartiles {_size(d.get('q1'))} to "
+                    f"{_size(d.get('q3'))}; attack failed on {d.get('failed', 0)})")
 
         norm = {"linf": "L∞", "l2": "L2", "l0": "L0 (changed values)"}.get(mp.get("norm"), "size")
         out.append(f'<h3>{_e(name.upper())}: minimal {_e(norm)} perturbation</h3>'
