@@ -19,12 +19,13 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
+from pydantic_core import to_json
 from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from . import webhooks
 from .models import Artifact, Job, JobEvent, JobInput
-from .schemas import ArtifactRead, ErrorRead, EventRead, InputRead, JobList, JobRead, StageRead
+from .schemas import ArtifactRead, EventRead, JobRead
 from .states import IllegalTransition, JobStatus, can_transition, transition, utcnow
 
 
@@ -318,37 +319,40 @@ def job_urls(job: Job | JobView) -> dict[str, str]:
 
 
 def job_read(job: Job | JobView) -> JobRead:
+    return JobRead.model_validate(job_dict(job))
+
+
+def job_dict(job: Job | JobView) -> dict[str, Any]:
+    """The JobRead shape as plain values: job_read validates it; the polled GETs encode it as
+    it is (see job_json)."""
     stages = job.stages or []
     if job.stage_name is None and stages:  # queued: show the stage it will start with
-        stage = StageRead(name=stages[0], index=0, total=len(stages), progress=0.0)
+        stage = {"name": stages[0], "index": 0, "total": len(stages), "progress": 0.0}
     else:
-        stage = StageRead(name=job.stage_name, index=job.stage_index, total=len(stages),
-                          progress=_unit(job.stage_progress))
-    error = (ErrorRead(code=job.error_code, message=job.error_message or "", stage=job.error_stage)
-             if job.error_code else None)
-    return JobRead(
-        id=job.id, status=job.status, stage=stage, progress=_unit(job.progress),
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        error=error, result=job.result, urls=job_urls(job), config=job.config,
-        inputs=[InputRead(field=i.field, filename=i.filename, size=i.size, sha256=i.sha256)
-                for i in job.inputs])
+        stage = {"name": job.stage_name, "index": job.stage_index, "total": len(stages),
+                 "progress": _unit(job.stage_progress)}
+    error = ({"code": job.error_code, "message": job.error_message or "",
+              "stage": job.error_stage} if job.error_code else None)
+    return {
+        "id": job.id, "status": job.status, "stage": stage, "progress": _unit(job.progress),
+        "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "error": error, "result": job.result,
+        "urls": job_urls(job), "config": job.config,
+        "inputs": [{"field": i.field, "filename": i.filename, "size": i.size, "sha256": i.sha256}
+                   for i in job.inputs]}
 
 
 # The polled GETs answer with these bytes themselves (a Response, not a model for FastAPI to
-# check and encode): what FastAPI would send for response_model=JobRead/JobList, since it is the
-# same pydantic serializer, without validating the models a second time on the event loop.
-_JOB_JSON = JobRead.__pydantic_serializer__.to_json
-_PAGE_JSON = JobList.__pydantic_serializer__.to_json
-
-
+# validate and encode): job_dict's values, in JobRead's field order, encoded by pydantic-core,
+# the encoder FastAPI's response_model uses, so the bytes are the same (a UUID, a datetime, an
+# enum are written by their type either way; tests/service/test_read_cost.py compares them)
+# without building and checking twenty models per page.
 def job_json(job: Job | JobView) -> bytes:
-    return _JOB_JSON(job_read(job))
+    return to_json(job_dict(job))
 
 
 def page_json(page: Sequence[Job | JobView], next_cursor: str | None) -> bytes:
-    # The items are validated JobRead models; only the envelope is built without a check.
-    return _PAGE_JSON(JobList.model_construct(items=[job_read(j) for j in page],
-                                              next_cursor=next_cursor))
+    return to_json({"items": [job_dict(j) for j in page], "next_cursor": next_cursor})
 
 
 def event_read(e: JobEvent) -> EventRead:
