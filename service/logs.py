@@ -9,9 +9,9 @@ own access and error lines are JSON too, also in ``--workers`` child processes).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import itertools
 import logging.config
 import os
 import re
