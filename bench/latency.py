@@ -24,7 +24,11 @@ Reads (``--reads``, see :func:`run_reads`): `dare api` on PostgreSQL with an API
 trivial FastAPI app served the same way, loaded by `wrk` (`apt-get install wrk`): saturated
 throughput and a paced ~200 requests/s run, one table.
 
-    python -m bench.latency --reads [--duration 5] [--rounds 3]
+    python -m bench.latency --reads [--duration 5] [--rounds 3] [--before DIR]
+
+``--before DIR`` serves the same database from another source tree as well (another `dare api`,
+with DIR first on its path), measured in the same interleaved rounds: a before/after pair that
+machine load hits alike.
 """
 from __future__ import annotations
 
@@ -224,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=5,
                     help="seconds per saturated wrk run (--reads; paced runs take twice that)")
     ap.add_argument("--rounds", type=int, default=3, help="saturated rounds (--reads)")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="--reads: also serve the same database from this source tree (e.g. "
+                         "`git archive main | tar -x -C DIR`) and measure it in the same rounds")
     args = ap.parse_args(argv)
     if args.reads:
-        print_reads(run_reads(args.duration, args.rounds))
+        print_reads(run_reads(args.duration, args.rounds, before=args.before))
         return 0
     subject = ensure_subject(args.subject)
     if args.inspect_n:
@@ -371,7 +378,8 @@ def wrk(url: str, duration: int, *, key: str | None = None, paced: bool = False,
             "bad": int(bad.group(1)) if bad else 0, "n": n, "cpu_ms": 1000 * cpu / max(n, 1)}
 
 
-def run_reads(duration: int = 5, rounds: int = 3) -> list[tuple[str, dict, dict]]:
+def run_reads(duration: int = 5, rounds: int = 3,
+              before: Path | None = None) -> list[tuple[str, dict, dict]]:
     """Start `dare api` (PostgreSQL scratch database, keys required) and the trivial app, then
     wrk the targets in turn: ``rounds`` saturated runs of ``duration`` s each, interleaved so
     that other load on the machine hits every target alike (the median round is kept), then
@@ -406,6 +414,18 @@ def run_reads(duration: int = 5, rounds: int = 3) -> list[tuple[str, dict, dict]
                    ("GET /healthz", f"{api}/healthz", None, api_pid),
                    ("GET /v1/jobs/{id}", f"{api}/v1/jobs/{ids[0]}", key, api_pid),
                    ("GET /v1/jobs?limit=20", f"{api}/v1/jobs?limit=20", key, api_pid)]
+        if before is not None:
+            old_port = free_port()
+            procs.append(subprocess.Popen(
+                [*DARE, "api", "--port", str(old_port)], cwd=before,
+                env={**env, "PYTHONPATH": str(before.resolve())}, stdout=log,
+                stderr=subprocess.STDOUT))
+            old = f"http://127.0.0.1:{old_port}"
+            wait_ready(old, procs, what="dare api (--before)")
+            old_pid = procs[-1].pid
+            targets += [("before: GET /healthz", f"{old}/healthz", None, old_pid),
+                        ("before: GET /v1/jobs/{id}", f"{old}/v1/jobs/{ids[0]}", key, old_pid),
+                        ("before: GET /v1/jobs?l=20", f"{old}/v1/jobs?limit=20", key, old_pid)]
         for _, u, k, _pid in targets:  # each answers 200 before it is measured
             r = httpx.get(u, headers={"Authorization": f"Bearer {k}"} if k else {})
             assert r.status_code == 200, (u, r.status_code, r.text[:300])

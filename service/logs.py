@@ -9,11 +9,12 @@ own access and error lines are JSON too, also in ``--workers`` child processes).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import logging.config
+import os
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,6 +28,19 @@ request_id_var: ContextVar[str | None] = ContextVar("dare_request_id", default=N
 _CONTEXT = (("job_id", job_id_var), ("stage", stage_var), ("request_id", request_id_var))
 _JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-fA-F-]{32,36})(?:/|$)")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A made-up request id is 32 hex digits like a uuid4's: 16 random per process (drawn again in
+# a forked child, so --workers processes differ), then a counter: unique without a random draw
+# and a UUID object per request.
+_rid_prefix = os.urandom(8).hex()
+_rid_counter = itertools.count()
+
+
+def _new_rid_prefix() -> None:
+    global _rid_prefix
+    _rid_prefix = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_rid_prefix)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(dare_context)s %(message)s"
 
 
@@ -113,6 +127,10 @@ def uvicorn_log_config(fmt: str = "json", level: str | int = "INFO") -> dict[str
     return logging_dict(fmt, level)
 
 
+def new_request_id() -> str:
+    return f"{_rid_prefix}{next(_rid_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 class RequestContextMiddleware:
     """Pure ASGI (streams pass through untouched): a request id per request, taken from a sane
     ``X-Request-ID`` header or made up, echoed back, and the job id when the path names one."""
@@ -130,7 +148,7 @@ class RequestContextMiddleware:
                 candidate = v.decode("latin-1")
                 rid = candidate if _REQUEST_ID.match(candidate) else None
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or new_request_id()
         m = _JOB_PATH.match(scope.get("path", ""))
         t_req = request_id_var.set(rid)
         t_job = job_id_var.set(m.group(1).lower()) if m else None

@@ -118,7 +118,9 @@ async def create_job(
 
 # The two reads clients poll: async routes that make one trip through the threadpool for one
 # or two Core statements (service.jobs.read_job / list_jobs) on an autocommit connection
-# (ctx.read_engine), instead of a trip per dependency.
+# (ctx.read_engine), instead of a trip per dependency. The JSON is encoded in that trip too and
+# sent as it is (response_model stays for the OpenAPI schema; FastAPI passes a Response through
+# without validating or encoding it again).
 @router.get("", response_model=JobList, summary="List jobs, newest first",
             responses=problem_responses(422))
 async def list_jobs(
@@ -126,29 +128,30 @@ async def list_jobs(
     status: Annotated[list[JobStatus], Query(description="keep only these statuses (repeatable)")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-) -> JobList:
+) -> Response:
     ctx: AppContext = request.app.state.ctx  # not CtxDep: one dependency less to solve
 
-    def read() -> JobList:
+    def read() -> bytes:
         with ctx.read_engine.connect() as conn:
             rows, nxt = jobs.list_jobs(conn, tenant_id=principal.tenant_id, statuses=status,
                                        limit=limit, cursor=cursor)
-            return JobList(items=[jobs.job_read(j) for j in rows], next_cursor=nxt)
+        return jobs.page_json(rows, nxt)  # the connection is back in the pool already
 
-    return await run_in_threadpool(read)
+    return Response(await run_in_threadpool(read), media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobRead, summary="One job",
             responses=problem_responses(404))
-async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) -> JobRead:
+async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) -> Response:
     job_uuid = parse_job_id(job_id)  # another tenant's job is a 404, like a missing one
     ctx: AppContext = request.app.state.ctx
 
-    def read() -> JobRead:
+    def read() -> bytes:
         with ctx.read_engine.connect() as conn:
-            return jobs.job_read(jobs.read_job(conn, job_uuid, tenant_id=principal.tenant_id))
+            view = jobs.read_job(conn, job_uuid, tenant_id=principal.tenant_id)
+        return jobs.job_json(view)
 
-    return await run_in_threadpool(read)
+    return Response(await run_in_threadpool(read), media_type="application/json")
 
 
 @router.get("/{job_id}/events", response_model=EventList, summary="The job's history",

@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import event, text
+import psycopg
+from sqlalchemy import text
 
 from service import db
 from service.auth import KEY_CACHE_TTL_S, PREFIX_CHARS, Principal, PrincipalCache
@@ -21,19 +22,24 @@ from .conftest import REPO, dare_cmd, make_key, service_env, submit_files
 
 @contextmanager
 def statements(engine) -> Iterator[list[str]]:  # noqa: ANN001
-    """The SQL the engine sends for requests while the block runs (the API's own periodic
-    threads, reconciler and webhook sender, use the same engine: not counted)."""
+    """The SQL sent to PostgreSQL for requests while the block runs, counted at psycopg's
+    cursor (the polled reads bypass SQLAlchemy's execution and its events, see
+    service.jobs._rows); the API's own periodic threads, reconciler and webhook sender, are
+    not counted."""
+    assert engine.dialect.name == "postgresql"
     seen: list[str] = []
+    execute = psycopg.Cursor.execute
 
-    def record(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001
+    def record(self, query, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if not threading.current_thread().name.startswith("background"):
-            seen.append(statement)
+            seen.append(str(query))
+        return execute(self, query, *args, **kwargs)
 
-    event.listen(engine, "before_cursor_execute", record)
+    psycopg.Cursor.execute = record
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        psycopg.Cursor.execute = execute
 
 
 def test_a_live_key_is_looked_up_once_then_served_from_the_cache(client):
@@ -119,3 +125,37 @@ def test_a_connection_whose_server_went_away_while_idle_is_replaced(pg_url, monk
                 assert c.execute(text("SELECT pg_backend_pid()")).scalar() != pid
     finally:
         engine.dispose()
+
+
+def test_the_driver_level_reads_answer_what_the_orm_answers(client, subject_bytes):
+    """GET /v1/jobs(/id) read PostgreSQL through psycopg directly and send pre-encoded bytes:
+    they must be the bytes the ORM's Job, through job_read and FastAPI's response_model, give,
+    with every filter (statuses, cursor) of a page."""
+    from service import jobs
+    from service.schemas import JobList, JobRead
+    from service.states import JobStatus
+
+    files, data = submit_files(subject_bytes)
+    ids = [client.post("/v1/jobs", files=files, data=data).json()["id"] for _ in range(3)]
+    cancelled = client.post(f"/v1/jobs/{ids[1]}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    ctx = client.app.state.ctx
+    tenant_id = ctx.principals.get(client.headers["Authorization"].split()[1]).tenant_id
+    with ctx.factory() as s:
+        orm = JobRead.__pydantic_serializer__.to_json(
+            JobRead.model_validate(jobs.job_read(jobs.get_job(s, uuid.UUID(ids[1])))))
+        got = client.get(f"/v1/jobs/{ids[1]}")
+        assert got.headers["content-type"] == "application/json"
+        assert got.content == orm
+        for statuses in ([], [JobStatus.queued], [JobStatus.cancelled, JobStatus.queued]):
+            q = "&".join(f"status={st.value}" for st in statuses)
+            first = client.get(f"/v1/jobs?limit=1&{q}")
+            expected = jobs.page_json(*jobs.list_jobs(s, tenant_id=tenant_id, statuses=statuses,
+                                                      limit=1))  # Session: the ORM path
+            assert first.content == expected, statuses
+            cursor = first.json()["next_cursor"]
+            nxt = client.get(f"/v1/jobs?limit=1&{q}&cursor={cursor}")
+            assert nxt.content == jobs.page_json(*jobs.list_jobs(
+                s, tenant_id=tenant_id, statuses=statuses, limit=1, cursor=cursor))
+            assert JobList.model_validate_json(nxt.content).items[0].id != \
+                JobList.model_validate_json(first.content).items[0].id
