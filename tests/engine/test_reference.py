@@ -89,6 +89,6 @@ def test_mlp_on_digits_learns_in_seconds(tmp_path):
 
 def test_trainer_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="arch"):
-        train_reference("alexnet", "digits", 1, tmp_path)
+        train_reference("transformer", "digits", 1, tmp_path)
     with pytest.raises(ValueError, match="epochs"):
         train_reference("mlp", "digits", 0, tmp_path)

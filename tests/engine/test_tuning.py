@@ -134,13 +134,17 @@ def test_dare_s_and_dare_sl_tune_more_weights(setup):
     assert n_dare["fc2.weight"] == n_s["fc2.weight"] == 0 < n_sl["fc2.weight"]
     assert n_dare["fc1.weight"] < n_s["fc1.weight"]
     # Most weights that DARE-s frees get no gradient here (dead units); weight decay moves every
-    # weight the optimiser is allowed to touch, which shows DARE-s frees all of M_T and DARE not.
+    # weight the optimiser is allowed to touch, which shows DARE-s frees all of M_T. DARE frees
+    # 95 % per class (a different 5 % frozen for each), so it moves only weights some class may
+    # move, and each class's step may move strictly fewer than DARE-s's.
     decay = TuneConfig(epochs=1, weight_decay=0.01)
     n_s_wd = _changed(gm, tune_dare(gm, full, mined, decay)[0])
     n_wd = _changed(gm, tune_dare(gm, res, mined, decay)[0])
     numel = {k: v.numel() for k, v in gm.state_dict().items()}
     assert all(n_s_wd[k] == numel[k] for k in full.masks)
-    assert sum(n_wd[k] for k in res.masks) < sum(numel[k] for k in res.masks)
+    assert all(n_wd[k] <= int(res.masks[k].any(0).sum()) for k in res.masks)
+    per_class = [sum(int(res.masks[k][c].sum()) for k in res.masks) for c in range(10)]
+    assert max(per_class) < sum(numel[k] for k in res.masks)
 
 
 def test_cancel_is_honoured_between_batches(setup):
