@@ -49,7 +49,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                           f"{_t(key.last_used_at):<22}{_t(key.revoked_at)}")
             else:
                 key = revoke(s, args.prefix)
-                print(f"revoked dare_{key.prefix} (requests with it now answer 401)")
+                print(f"revoked dare_{key.prefix} (requests with it answer 401 within 5 s: API processes cache a checked key that long)")
     except InvalidTenantName as e:
         print(f"dare keys: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,8 @@ REJECTION_CODES = (
     "invalid_model", "invalid_history", "invalid_data", "invalid_webhook_url",
     "input_unreadable", "unsafe_archive", "zip_bomb", "unsafe_model", "unsafe_checkpoint",
     "unsupported_model", "model_not_finite", "history_mismatch", "data_model_mismatch",
-    "data_empty_split", "too_many_active_jobs", "idempotency_key_reused", "other")
+    "data_empty_split", "too_many_active_jobs", "idempotency_key_reused",
+    "too_many_submissions_in_flight", "upload_too_slow", "staging_full", "other")
 
 # No "_created" series next to every counter: they double the output and no dashboard reads them.
 disable_created_metrics()
