@@ -138,9 +138,9 @@ def pickled_checkpoint(payload: object) -> bytes:
     return buf.getvalue()
 
 
-def torchscript_archive() -> bytes:
-    import warnings
-
+def mlp_module():  # noqa: ANN201 (torch.nn.Module; torch is imported lazily)
+    """The corpus's MLP as a torch module (fc1: 64 -> 16, fc2: 16 -> 10 on 1x8x8 images): its
+    state-dict names are the ONNX model's initializer names."""
     import torch
 
     class Mlp(torch.nn.Module):
@@ -152,10 +152,18 @@ def torchscript_archive() -> bytes:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
+    return Mlp()
+
+
+def torchscript_archive() -> bytes:
+    import warnings
+
+    import torch
+
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.save is deprecated; still what attackers send
-        torch.jit.save(torch.jit.script(Mlp()), buf)
+        torch.jit.save(torch.jit.script(mlp_module()), buf)
     return buf.getvalue()
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hostile_corpus import CLASSES, _OpensFile, _RunsShell, weights
+from .hostile_corpus import _OpensFile, _RunsShell, mlp_module, weights
 
 
 @functools.cache
@@ -28,16 +28,7 @@ def mlp_pt2(seed: int = 1) -> bytes:
     state-dict names are the ONNX model's initializer names, so it is also a valid checkpoint."""
     import torch
 
-    class Mlp(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1 = torch.nn.Linear(64, 16)
-            self.fc2 = torch.nn.Linear(16, CLASSES)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-    m = Mlp().eval()
+    m = mlp_module().eval()
     m.load_state_dict({k: torch.from_numpy(v) for k, v in weights(seed).items()})
     ep = torch.export.export(m, (torch.rand(2, 1, 8, 8),),
                              dynamic_shapes=({0: torch.export.Dim("batch")},))

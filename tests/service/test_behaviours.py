@@ -17,8 +17,7 @@ from service.states import JobStatus, StageStatus, utcnow
 
 from . import fake_engine
 from .conftest import submit_files
-
-CHAIN = ["validate", "slice", "mine", "tune", "export", "evaluate"]
+from .test_reconciler import CHAIN, ctx  # noqa: F401 (ctx is a fixture)
 
 
 # --- idempotency: the hash covers what the files hold, not only their sizes -----------------
@@ -49,13 +48,7 @@ def test_a_same_size_change_of_a_file_is_another_request(client, subject_bytes, 
 
 # --- the lease: its age runs from the last heartbeat, not from the stage's start --------------
 
-@pytest.fixture
-def ctx(client):
-    c = client.app.state.ctx
-    c.settings.requeue_after_s = 30.0
-    c.settings.stage_stale_after_s = 20
-    c.settings.heartbeat_interval_s = 0.2
-    return c
+# ``ctx``: test_reconciler's fixture (30 s requeue, 20 s stale lease, 0.2 s heartbeat)
 
 
 def _claimed_long_ago(ctx, jid: str, stage: str, *, started_s: float, beat_s: float) -> None:

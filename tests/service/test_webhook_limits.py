@@ -4,7 +4,6 @@ sender and other tenants' deliveries go meanwhile. Real loopback receivers (raw 
 they can misbehave)."""
 from __future__ import annotations
 
-import json
 import select
 import socket
 import threading
@@ -20,7 +19,8 @@ from service.states import utcnow
 from service.webhook_net import check_url, post
 from service.webhooks import deliver_due
 
-from .conftest import make_key, submit_files, tenant_id
+from .conftest import make_key, tenant_id
+from .test_webhook_ssrf import cancelled_job
 from .test_webhooks import Receiver, deliveries
 
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
@@ -162,15 +162,6 @@ def settings(settings):  # the conftest's, with loopback receivers allowed
     return settings.model_copy(update={"webhook_allow_private": True, "webhook_poll_interval_s": 0,
                                        "webhook_timeout_s": 3.0, "webhook_max_attempts": 1,
                                        "webhook_senders": 4, "webhook_per_tenant": 1})
-
-
-def cancelled_job(client, subject_bytes, url: str) -> str:
-    files, data = submit_files(subject_bytes, config=json.dumps({"webhook_url": url}))
-    r = client.post("/v1/jobs", files=files, data=data)
-    assert r.status_code == 202, r.text
-    jid = r.json()["id"]
-    assert client.post(f"/v1/jobs/{jid}/cancel").status_code == 202
-    return jid
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
