@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             app.state.inspector.stop()
         background.stop()
         engine.dispose()
+        if engine.dialect.name == "sqlite":  # its read engine has a pool of its own
+            ctx.read_engine.dispose()
 
     app = FastAPI(title="DARE hardening service", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)

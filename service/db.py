@@ -24,7 +24,8 @@ SQLITE_BUSY_TIMEOUT_S = 30  # how long a SQLite writer waits for another's lock 
 
 
 def make_engine(url: str, *, begin_immediate: bool = True) -> Engine:
-    """``begin_immediate=False`` only for migrations (see :func:`_migrate`)."""
+    """``begin_immediate=False`` only for migrations (see :func:`_migrate`) and for the API's
+    one-statement reads on SQLite (``service.deps.AppContext.read_engine``), which write nothing."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False,
                                                   "timeout": SQLITE_BUSY_TIMEOUT_S})
