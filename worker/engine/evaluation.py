@@ -26,6 +26,7 @@ different quantity.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import Callable
 
@@ -390,8 +391,11 @@ def budget_grid(sizes: dict, steps: int = 11) -> list[float]:
     finite = [float(v[torch.isfinite(v)].max()) for v in sizes.values()
               if len(v) and torch.isfinite(v).any()]
     top = max(finite, default=0.0) or 1.0
-    # three significant digits: the curve's axis labels stay short, and any grid will do
-    return [float(f"{top * i / (steps - 1):.3g}") for i in range(steps)]
+    # Three significant digits keep the curve's axis labels short; the top is rounded up, so the
+    # last budget still covers the largest size seen (every kept point falls there).
+    unit = 10 ** (math.floor(math.log10(top)) - 2)
+    top = math.ceil(top / unit - 1e-9) * unit
+    return [float(f"{top * i / (steps - 1):.3g}") for i in range(steps - 1)] + [float(f"{top:.3g}")]
 
 
 def _autoattack(models, names, x, y, eps, cfg, seed, dev, meter, cancelled, checks_out) -> dict:
