@@ -72,9 +72,10 @@ def summary_lines(result: dict[str, Any] | None) -> list[str]:
         lines.append(f"clean accuracy: {ca.get('original', 0):.3f} -> {ca.get('hardened', 0):.3f} "
                      f"(within the {ca.get('budget', 0):.0%} budget: {ca.get('within_budget')})")
     if res.get("attacks"):
-        lines.append(f"{'attack':<8}{'original':>10}{'transfer ER':>13}{'adaptive':>10}")
+        w = max(8, *(len(n) for n in res["attacks"]))  # "autoattack" is ten characters
+        lines.append(f"{'attack':<{w}}{'original':>10}{'transfer ER':>13}{'adaptive':>10}")
         for name, a in res["attacks"].items():
-            lines.append(f"{name:<8}{a.get('original_accuracy', 0):>10.3f}"
+            lines.append(f"{name:<{w}}{a.get('original_accuracy', 0):>10.3f}"
                          f"{a.get('transfer_er', 0):>13.3f}{a.get('adaptive_accuracy', 0):>10.3f}")
     if res.get("stage_durations_s"):
         lines.append("stage times (s): " + ", ".join(
