@@ -190,10 +190,6 @@ class PrincipalCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
     @staticmethod
     def _slot(key: str | None) -> str:
         # The digest, not the key: the process keeps no plaintext keys around longer than a request.

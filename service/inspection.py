@@ -37,8 +37,6 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from starlette.concurrency import run_in_threadpool
-
 from worker.engine.errors import InputError
 
 from .errors import ProblemError
@@ -89,16 +87,14 @@ class Inspector(Protocol):
     async def inspect(self, staging: Path, config_json: str) -> dict: ...
 
 
-async def inspect_submission(inspector: Inspector | None, form: ReceivedForm,
+async def inspect_submission(inspector: Inspector | None, form: ReceivedForm, config_json: str,
                              settings: Settings) -> dict | None:
-    """The cheap form checks, then the inspection (when on). Raises InputError (422) or
-    InspectorBusy (503); returns the inspector's summary."""
+    """The inspection (when on) of a form that passed the cheap checks
+    (``service.submission.validate_form``, whose config ``config_json`` is). Raises InputError
+    (422) or InspectorBusy (503); returns the inspector's summary."""
     if inspector is None or settings.submit_inspection == "off":
         return None
-    from .submission import validate_form  # it imports what imports this module
-
-    config, _ = await run_in_threadpool(validate_form, form, settings)
-    return await inspector.inspect(form.staging, config.model_dump_json())
+    return await inspector.inspect(form.staging, config_json)
 
 
 def inspect_inputs(staging: Path, config_json: str, settings: Settings) -> dict:

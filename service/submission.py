@@ -72,9 +72,11 @@ class Submitted:
 def submit(form: ReceivedForm, *, job_id: uuid.UUID, tenant_id: uuid.UUID,
            factory: sessionmaker[Session], store: ArtifactStore, dispatcher: Dispatcher,
            max_active_jobs: int, idempotency_key: str | None = None,
-           settings: Settings | None = None) -> Submitted:
+           settings: Settings | None = None, validated=None) -> Submitted:  # noqa: ANN001
     """Queue the job, or answer with the one this Idempotency-Key created before. The staged
-    files are moved into the store only for a new job; the caller removes the staging dir."""
+    files are moved into the store only for a new job; the caller removes the staging dir.
+    ``validated``: what :func:`validate_form` returned for this form, when the caller ran it
+    already (the route does, before the inspection)."""
     digest = idempotency.request_hash(form) if idempotency_key else None
     with session_scope(factory) as s:  # cheap early answers, before any validation work
         if idempotency_key:
@@ -83,7 +85,7 @@ def submit(form: ReceivedForm, *, job_id: uuid.UUID, tenant_id: uuid.UUID,
                 return Submitted(idempotency.replay(prior, idempotency_key, digest), replayed=True)
         quotas.precheck(s, tenant_id, max_active_jobs)  # checked again below, under the lock
     # The deep checks (service.inspection) ran before this, awaited by the route.
-    config, model_format = validate_form(form, settings)
+    config, model_format = validated or validate_form(form, settings)
     names = stage_names(config)
     stored: list[jobs.StoredInput] = []
     try:

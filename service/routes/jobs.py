@@ -26,7 +26,7 @@ from ..inspection import inspect_submission
 from ..retention import expired_at
 from ..schemas import ArtifactRead, EventList, JobList, JobRead
 from ..states import JobStatus
-from ..submission import submit
+from ..submission import submit, validate_form
 from ..uploads import receive_form
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -99,12 +99,16 @@ async def create_job(
         # Load the files in the sandboxed inspector before anything is stored; waiting for a
         # free inspector holds no thread (503 inspector_busy past the bounded wait). A replay
         # of an accepted submission stores nothing and is not inspected again.
+        validated = None
         if not ticket.replay:
-            await inspect_submission(request.app.state.inspector, form, ctx.settings)
+            validated = await run_in_threadpool(validate_form, form, ctx.settings)  # cheap checks
+            await inspect_submission(request.app.state.inspector, form,
+                                     validated[0].model_dump_json(), ctx.settings)
         done = await run_in_threadpool(
             submit, form, job_id=job_id, tenant_id=principal.tenant_id, factory=ctx.factory,
             store=ctx.store, dispatcher=ctx.dispatcher, idempotency_key=idempotency_key,
-            max_active_jobs=ctx.settings.max_active_jobs_per_tenant, settings=ctx.settings)
+            max_active_jobs=ctx.settings.max_active_jobs_per_tenant, settings=ctx.settings,
+            validated=validated)
     finally:
         ticket.release()  # first, and not awaited: it must happen even when cancelled
         # A replayed or refused submission stored nothing: its upload goes with the staging dir.
