@@ -177,7 +177,7 @@ def _mine(ctx: "StageContext", mode: str = "best"):
 def _mine_stage(ctx: "StageContext") -> dict:
     mined = _mine(ctx)
     _save_pt(mined.to_state(), ctx.path("state", "mined.pt"))
-    classes = int(mined.tutor_logits.shape[1]) if mined.tutor_logits.dim() == 2 else 0
+    classes = load_inputs(ctx)[0].num_outputs  # cached: the stage just loaded them
     return {"candidates": mined.candidates, "mined": len(mined.y), "window": mined.window,
             # how many samples got a tutor, per class: a class with few has little to tune on
             "mined_per_class": torch.bincount(mined.y, minlength=classes).tolist(),
