@@ -14,16 +14,19 @@ export OMP_NUM_THREADS ?= 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e ./clients/python -e '.[dev]'
+	@# An older install's dare-service owned bin/dare; replacing it removes the script the client
+	@# had just written, so put it back.
+	test -x $(DARE) || $(PY) -m pip install -q --force-reinstall --no-deps -e ./clients/python
 	touch $@
 
 $(DEMO)/subject/model.onnx: | install
 	$(DARE) train-reference --arch lenet --dataset digits --epochs 10 --out $(DEMO)/subject
 
 demo: install $(DEMO)/subject/model.onnx
-	$(PY) -m service.demo --subject $(DEMO)/subject --out $(DEMO) --port $(PORT)
+	$(PY) -m service.cli.demo --subject $(DEMO)/subject --out $(DEMO) --port $(PORT)
 
 prepare:
 	bash .ci/prepare

@@ -4,10 +4,9 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-
-from service.db import make_engine
-from service.models import Base
 from service.settings import get_settings
+from service.store.db import make_engine
+from service.store.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -17,7 +16,7 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    # service.db.alembic_config() sets it for programmatic runs; the CLI takes the settings.
+    # service.store.db.alembic_config() sets it for programmatic runs; the CLI takes the settings.
     return config.get_main_option("sqlalchemy.url") or get_settings().database_url
 
 

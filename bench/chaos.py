@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dare_client.client import wait_ready
 
-from service.client import wait_ready
-
-DARE = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())"]
+DARE = [sys.executable, "-c", "from service.cli.main import main; raise SystemExit(main())"]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/7"
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +158,7 @@ class Outcome:
 def _run_row(factory, jid: str, stage: str):  # noqa: ANN001, ANN202
     from sqlalchemy import select
 
-    from service.models import StageRun
+    from service.store.models import StageRun
 
     with factory() as s:
         return s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
@@ -211,7 +210,7 @@ def audit(factory, out: Outcome, deaths: list[float]) -> None:  # noqa: ANN001
     """Read what the service recorded: stages finished twice, attempts that overlapped."""
     from sqlalchemy import select
 
-    from service.models import JobEvent
+    from service.store.models import JobEvent
 
     with factory() as s:
         events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == uuid.UUID(out.job_id))
@@ -257,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     import redis
     from sqlalchemy import create_engine, text
 
-    from service.cli import worker_argv
-    from service.db import engine_for, session_factory
+    from service.cli.main import worker_argv
+    from service.store.db import engine_for, session_factory
 
     subject = ensure_subject(args.subject)
     redis.Redis.from_url(args.redis).flushdb()
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             api.terminate()
             api.wait(30)
         if admin is not None:
-            from service.db import dispose_engines
+            from service.store.db import dispose_engines
 
             dispose_engines()
             with admin.connect() as c:

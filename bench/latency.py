@@ -45,10 +45,9 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from dare_client.client import wait_ready
 
-from service.client import wait_ready
-
-DARE = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())"]
+DARE = [sys.executable, "-c", "from service.cli.main import main; raise SystemExit(main())"]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/6"
 
@@ -127,7 +126,7 @@ def run_redis(subject: Path, n: int, scratch: Path) -> list[tuple[float, float]]
     import redis
     from sqlalchemy import create_engine, text
 
-    from service.cli import worker_argv
+    from service.cli.main import worker_argv
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     db = f"dare_bench_{uuid.uuid4().hex[:8]}"
@@ -292,7 +291,7 @@ def trivial_app():  # noqa: ANN201 (FastAPI)
     return app
 
 
-# Served exactly as `dare api` serves service.app (service/cli.py cmd_api): one process, the
+# Served exactly as `dare api` serves service.api.app (service/cli/main.py cmd_api): one process, the
 # same log configuration (JSON access lines), uvicorn's default (uvloop/httptools) loop.
 _TRIVIAL_SERVER = (
     "import sys, uvicorn\n"
@@ -307,10 +306,10 @@ def seed_read_jobs(url: str, n: int = READ_JOBS) -> tuple[str, list[str]]:
     submission path is not what this measures). Finished, so the reconciler leaves them be."""
     from sqlalchemy import create_engine
 
-    from service.auth import create_api_key, ensure_tenant
-    from service.db import session_factory
-    from service.jobs import StoredInput, create_job
+    from service.api.auth import create_api_key, ensure_tenant
+    from service.jobs.records import StoredInput, create_job
     from service.states import JobStatus, utcnow
+    from service.store.db import session_factory
     from worker.engine.config import parse_config, stage_names
 
     engine = create_engine(url)

@@ -1,7 +1,7 @@
 """Mutation testing of the core modules with cosmic-ray: does the suite notice a one-line bug?
 
     python -m bench.mutation                      # every module in MODULES (hours)
-    python -m bench.mutation worker/engine/tuning.py service/quotas.py --budget-min 20
+    python -m bench.mutation worker/engine/tuning.py service/api/quotas.py --budget-min 20
 
 Why cosmic-ray (8.x): it mutates one module on disk and runs any shell command as the test, so
 each module is checked against exactly the test files that cover it (MODULES below), with the
@@ -57,14 +57,14 @@ MODULES: dict[str, list[str]] = {
     "worker/engine/attacks/__init__.py": ["tests/engine/test_attacks.py"],
     "worker/engine/archive_safety.py": ["tests/service/test_hostile.py",
                                         "tests/engine/test_modelio.py", "tests/service/test_uploads.py"],
-    "service/idempotency.py": [f"{_SB}a_same_size_change_of_a_file_is_another_request",
+    "service/api/idempotency.py": [f"{_SB}a_same_size_change_of_a_file_is_another_request",
                                "tests/service/test_idempotency.py"],
-    "service/quotas.py": ["tests/service/test_quotas.py"],
-    "service/auth.py": ["tests/service/test_auth.py", "tests/service/test_isolation.py"],
-    "service/uploads.py": ["tests/service/test_uploads.py", "tests/service/test_hostile.py"],
-    "service/reconciler.py": [f"{_SB}a_long_stage_with_a_fresh_heartbeat_keeps_its_lease",
+    "service/api/quotas.py": ["tests/service/test_quotas.py"],
+    "service/api/auth.py": ["tests/service/test_auth.py", "tests/service/test_isolation.py"],
+    "service/api/uploads.py": ["tests/service/test_uploads.py", "tests/service/test_hostile.py"],
+    "service/jobs/reconciler.py": [f"{_SB}a_long_stage_with_a_fresh_heartbeat_keeps_its_lease",
                               "tests/service/test_reconciler.py"],
-    "service/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
+    "service/jobs/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
                             "tests/service/test_reconciler.py"],
 }
 
@@ -99,7 +99,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "with the 1e-12 tolerance '<' and '<=' differ only when the drop is exactly budget + 1e-12"),
     ("worker/engine/report.py", "ReplaceFalseWithTrue", "allow_nan=False",
      "_jsonable has already turned NaN and inf into null, so there is no NaN left to allow"),
-    ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
+    ("service/api/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
      "the canonical dicts are built from sorted items, and a hash is only ever compared with one "
      "made by the same code: sort_keys and ensure_ascii change no comparison"),
     ("worker/engine/tuning.py", "NumberReplacer", "seed: int = 0,",
@@ -107,10 +107,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/tuning.py", "NumberReplacer", "c = int(y[b[0]])",
      "every batch holds one class, so any of its samples names the batch's class (b[1] differs "
      "only for a one-sample batch, where it raises)"),
-    ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
+    ("service/api/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),
-    ("service/quotas.py", "NumberReplacer", "Job.status.in_(ACTIVE))) or 0",
+    ("service/api/quotas.py", "NumberReplacer", "Job.status.in_(ACTIVE))) or 0",
      "COUNT() never returns NULL, so the `or 0` fallback is never taken"),
 ]
 
@@ -148,7 +148,8 @@ def _scratch_copy(scratch: Path) -> None:
 
 def _env(scratch: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(scratch), str(scratch / "clients" / "python")]),
+               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     return env
 
 

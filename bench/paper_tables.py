@@ -50,7 +50,12 @@ def _machine() -> str:
 
 
 def _config(protocol: str, s: dict, dataset: str):
-    from worker.engine.config import BaselineConfig, EvaluationConfig, HardenConfig, TuneConfig
+    from worker.engine.config import (
+        BaselineConfig,
+        EvaluationConfig,
+        HardenConfig,
+        TuneConfig,
+    )
 
     return HardenConfig(compare=True, seed=0, dataset=dataset,
                         tune=TuneConfig(epochs=s["tune_epochs"]),

@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
-from service.client import wait_ready
+from dare_client.client import wait_ready
 
 from .latency import DARE, PG_ADMIN, ensure_subject, free_port
 

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
            "OMP_NUM_THREADS": "1",
            # the upload path alone: no key to manage, no child process loading the stand-in files
            "DARE_AUTH": "open", "DARE_SUBMIT_INSPECTION": "off"}
-    dare = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())"]
+    dare = [sys.executable, "-c", "from service.cli.main import main; raise SystemExit(main())"]
     subprocess.run([*dare, "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     log = (scratch / "api.log").open("wb")

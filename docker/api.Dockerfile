@@ -17,8 +17,8 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY alembic ./alembic
 COPY service ./service
 COPY worker ./worker
-COPY bench ./bench
-RUN pip install -e .
+COPY clients/python ./clients/python
+RUN pip install -e . ./clients/python
 
 RUN useradd --uid 10001 --create-home dare && mkdir -p /var/lib/dare && chown dare /var/lib/dare
 USER dare

@@ -16,11 +16,11 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY alembic ./alembic
 COPY service ./service
 COPY worker ./worker
-COPY bench ./bench
-RUN pip install -e .
+COPY clients/python ./clients/python
+RUN pip install -e . ./clients/python
 
 RUN useradd --uid 10001 --create-home dare && mkdir -p /var/lib/dare && chown dare /var/lib/dare
 USER dare
-# The same command the tests run (service.cli.worker_argv).
+# The same command the tests run (service.cli.main.worker_argv).
 CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1", "--loglevel", "INFO", \
      "--without-mingle", "--without-gossip"]

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_data_bytes: int | None = Field(None, ge=1)
     max_config_bytes: int = Field(64 * 1024, ge=1)
     upload_chunk_bytes: int = Field(1 * MiB, ge=4096)
-    # Hostile input (service.inspection, worker.engine.archive_safety): zip caps checked in the
+    # Hostile input (service.api.inspection, worker.engine.archive_safety): zip caps checked in the
     # API, and a deep look at the files in a resource-limited child process before a job exists.
     max_history_uncompressed_bytes: int = Field(8 * GiB, ge=1, description="declared total of a zip")
     max_zip_ratio: float = Field(200.0, gt=1, description="per zip member, uncompressed/compressed")
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     inspection_timeout_s: float = Field(120.0, gt=0, description="wall-clock limit of the inspector")
     inspection_memory_bytes: int = Field(8 * GiB, ge=GiB, description="RLIMIT_AS of the inspector")
     inspection_max_concurrent: int = Field(2, ge=1, description="inspector processes at once")
-    # The fast path (service.inspector_pool): children of a fork server that has torch imported.
+    # The fast path (service.api.inspector_pool): children of a fork server that has torch imported.
     inspection_fork_server: bool = Field(True, description="false: a fresh python per inspection "
                                          "(a torch import each, ~10 s; for comparison)")
     inspection_queue_timeout_s: float = Field(
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = Field(None, ge=1, description="default: hard limit + 1 h")
     stage_max_attempts: int = Field(3, ge=1, description="deliveries of one stage before the job fails")
     stage_stale_after_s: int = Field(300, ge=1, description="a silent running stage may be taken over")
-    # Crash recovery (service.reconciler): a worker renews its stage's lease every
+    # Crash recovery (service.jobs.reconciler): a worker renews its stage's lease every
     # heartbeat_interval_s; the reconciler re-sends stages whose lease expired and messages
     # nobody picked up within requeue_after_s (a flushed or restarted broker).
     heartbeat_interval_s: float = Field(10.0, gt=0, description="lease renewal while a stage runs")
@@ -93,7 +93,15 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line")
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus, no auth)")
 
-    # Webhooks (a transactional outbox; service.webhooks)
+    # MLflow (service.jobs.mlflow_log): each succeeded job becomes a run, unless its config says
+    # "mlflow": false. Needs the extra: pip install 'dare-service[mlflow]'.
+    mlflow_tracking_uri: str | None = Field(None, description="e.g. http://mlflow:5000; unset: off")
+    mlflow_experiment: str = Field("dare", min_length=1, description="default experiment name")
+    mlflow_attempts: int = Field(3, ge=1, description="tries before the run is given up")
+    mlflow_backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each try")
+    mlflow_timeout_s: float = Field(15.0, gt=0, description="one HTTP request to the server")
+
+    # Webhooks (a transactional outbox; service.jobs.webhooks)
     webhook_max_attempts: int = Field(8, ge=1, description="tries before a delivery is failed")
     webhook_backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles each try")
     webhook_backoff_max_s: float = Field(3600.0, gt=0, description="cap on one retry delay")
@@ -108,7 +116,7 @@ class Settings(BaseSettings):
     webhook_max_response_bytes: int = Field(
         65536, ge=1024, description="most of a receiver's answer read (status line, headers, body)")
 
-    # Slow and hostile uploads (service.uploads, service.admission): refused before the body is
+    # Slow and hostile uploads (service.api.uploads, service.api.admission): refused before the body is
     # read when the tenant is at its quota or has this many uploads in flight; cut with 408 when
     # the body trickles; 503 when staging would outgrow its disk budget. Per API process.
     max_inflight_submissions_per_tenant: int = Field(
@@ -121,7 +129,7 @@ class Settings(BaseSettings):
     upload_deadline_s: float = Field(3600.0, gt=0, description="the most one request body may take")
     staging_max_bytes: int = Field(16 * GiB, ge=1, description="bytes of uploads staged on disk "
                                    "at once, all requests together")
-    # Retention (service.retention, run by the reconciler): finished jobs older than this lose
+    # Retention (service.jobs.retention, run by the reconciler): finished jobs older than this lose
     # their stored inputs and artifacts; the job row and its events stay. 0 keeps them forever.
     retention_days: float = Field(30, ge=0, description="days a finished job keeps its files")
 

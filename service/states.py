@@ -10,20 +10,12 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Protocol
 
+# The job statuses are part of the wire contract, so they live with the client's schemas.
+from dare_client.schemas import TERMINAL, JobStatus
 
-class JobStatus(str, Enum):
-    queued = "queued"
-    running = "running"
-    cancelling = "cancelling"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
+__all__ = ["ALLOWED", "TERMINAL", "IllegalTransition", "JobStatus", "StageStatus", "can_transition",
+           "transition", "utcnow"]
 
-    def is_terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     # queued -> cancelled: nothing started, so the cancel is immediate.

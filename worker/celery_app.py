@@ -14,8 +14,7 @@ os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
 
 from celery import Celery  # noqa: E402
-from celery.signals import (celeryd_init, setup_logging, worker_init,  # noqa: E402
-                            worker_process_init)
+from celery.signals import celeryd_init, setup_logging, worker_init, worker_process_init  # noqa: E402
 
 from service.settings import Settings, get_settings  # noqa: E402
 
@@ -34,7 +33,7 @@ def broker_transport_options(settings: Settings) -> dict:
                 "store_processed": False, "polling_interval": settings.broker_poll_interval_s}
     # Redis re-delivers an unacked message after visibility_timeout: it must outlast the longest
     # stage (the hard time limit), or a second worker would start a stage that is still running.
-    # So a stage whose whole worker died would wait hours: service.reconciler re-sends it as soon
+    # So a stage whose whole worker died would wait hours: service.jobs.reconciler re-sends it as soon
     # as its lease (stage_runs.heartbeat_at) expires; the late redelivery is then dropped.
     return {"visibility_timeout": settings.broker_visibility_timeout_s}
 
@@ -94,7 +93,7 @@ def _init_child(**_: object) -> None:
     """In each pool child, before any task: few CPU threads (two PyTorch processes with many
     threads on a small machine slow each other down badly); CUDA is left alone until a task;
     database connections inherited from the parent are dropped, not shared."""
-    from service.db import dispose_engines
+    from service.store.db import dispose_engines
 
     dispose_engines(close=False)
     threads = str(get_settings().torch_threads)

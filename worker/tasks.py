@@ -4,7 +4,7 @@ A task is a thin edge: ``Pipeline.run`` claims the stage in the database (a fini
 skipped when its message is delivered again), runs it, commits the outcome, and names the next
 stage; only then is the next message sent. The database, not Celery, holds every status, so
 a message that is lost (a failed send, a flushed broker, a killed worker) is re-sent from it by
-``service.reconciler``.
+``service.jobs.reconciler``.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ log = logging.getLogger("dare.tasks")
 _pipeline = None
 
 
-def pipeline():  # noqa: ANN201 (service.pipeline.Pipeline), built once per process
+def pipeline():  # noqa: ANN201 (service.jobs.pipeline.Pipeline), built once per process
     global _pipeline
     if _pipeline is None:
-        from service.pipeline import pipeline_from_settings
+        from service.jobs.pipeline import pipeline_from_settings
         from worker.engine import archive_safety
 
         _pipeline = pipeline_from_settings(timeout_errors=(SoftTimeLimitExceeded,))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
+
 from alembic import op
 
 revision: str = "0002"

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from service.db import dispose_engines, engine_for, upgrade
 from service.settings import Settings
+from service.store.db import dispose_engines, engine_for, upgrade
 
 from . import fake_engine, subjects
 
@@ -90,7 +90,7 @@ def dispatcher() -> RecordingDispatcher:
 def client(settings: Settings, dispatcher: RecordingDispatcher):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings, dispatcher=dispatcher)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -124,14 +124,14 @@ def api_routes(app, prefix: str = "/v1") -> list[tuple[str, str]]:  # noqa: ANN0
 
 def make_key(factory, tenant: str, **kw) -> str:  # noqa: ANN001
     """A real API key for ``tenant`` (created if new), as `dare keys create` makes it."""
-    from service.auth import create_api_key
+    from service.api.auth import create_api_key
 
     with factory.begin() as s:
         return create_api_key(s, tenant, **kw)
 
 
 def tenant_id(factory, tenant: str) -> uuid.UUID:  # noqa: ANN001
-    from service.auth import ensure_tenant
+    from service.api.auth import ensure_tenant
 
     with factory.begin() as s:
         return ensure_tenant(s, tenant).id
@@ -170,7 +170,7 @@ def submit(client, subject_bytes):
 
 def run_all_stages(client, job_id: str) -> None:  # noqa: ANN001 (TestClient)
     """Drive every stage of a job in-process, as the worker would, with the stand-in engine."""
-    from service.pipeline import Pipeline
+    from service.jobs.pipeline import Pipeline
 
     ctx = client.app.state.ctx
     p = Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
@@ -196,7 +196,7 @@ def service_env(**overrides: str) -> dict[str, str]:
 
 
 def dare_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())", *args]
+    return [sys.executable, "-c", "from service.cli.main import main; raise SystemExit(main())", *args]
 
 
 class Proc:

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from service import jobs
+from service.jobs import records as jobs
 from service.states import JobStatus, utcnow
-from service.storage import LocalArtifactStore
+from service.store.storage import LocalArtifactStore
 
 from .conftest import run_all_stages, submit_files, tenant_id
 
@@ -222,7 +222,7 @@ def test_broker_down_answers_503_and_records_the_failure(client, dispatcher, sub
 
 
 def test_unexpected_error_is_a_problem_without_traceback(client, subject_bytes, monkeypatch):
-    import service.routes.jobs as routes
+    import service.api.routes.jobs as routes
 
     def boom(*a, **k):
         raise RuntimeError("secret internals /etc/passwd")
@@ -251,7 +251,7 @@ def test_healthz_and_openapi_docs(client):
 def test_readyz_checks_database_and_real_broker(settings, broker, ok):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     s = settings.model_copy(update={"broker_url": broker})
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
@@ -273,9 +273,9 @@ def test_api_process_stays_free_of_torch(tmp_path):
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "from service.app import create_app\n"
+        "from service.api.app import create_app\n"
         "from service.settings import Settings\n"
-        "from service.submission import validate_form, embedded_datasets\n"
+        "from service.api.submission import validate_form, embedded_datasets\n"
         f"s = Settings(home={str(tmp_path)!r})\n"
         "app = create_app(s, check_db_schema=False)\n"
         "assert embedded_datasets() == ('digits', 'mnist5k', 'fashion'), embedded_datasets()\n"

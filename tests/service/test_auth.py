@@ -10,9 +10,9 @@ import subprocess
 import pytest
 from sqlalchemy import inspect, text
 
-from service.auth import PREFIX_CHARS, authenticate, create_api_key, revoke
-from service.cli import _auth_line, _is_loopback
-from service.models import ApiKey, Job
+from service.api.auth import PREFIX_CHARS, authenticate, create_api_key, revoke
+from service.cli.main import _auth_line, _is_loopback
+from service.store.models import ApiKey, Job
 
 from .conftest import REPO, api_routes, dare_cmd, make_key, service_env, submit_files
 
@@ -113,7 +113,7 @@ def test_dare_keys_create_prints_a_working_key_list_hides_it_revoke_kills_it(
     ok = client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
     assert ok.status_code == 200 and ok.json()["items"] == []
 
-    from service.cli import main
+    from service.cli.main import main
     from service.settings import get_settings
 
     monkeypatch.setenv("DARE_HOME", str(tmp_path))
@@ -147,10 +147,10 @@ def test_dare_keys_create_prints_a_working_key_list_hides_it_revoke_kills_it(
 def test_open_mode_acts_as_the_default_tenant(settings, dispatcher, subject_bytes):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings.model_copy(update={"auth": "open"}), dispatcher=dispatcher)
-    # open mode serves loopback names only (service.open_mode_guard), not "testserver"
+    # open mode serves loopback names only (service.api.open_mode_guard), not "testserver"
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
         files, data = submit_files(subject_bytes)
         r = c.post("/v1/jobs", files=files, data=data)

@@ -9,16 +9,15 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from service import jobs
-from service.models import Artifact, StageRun
-from service.pipeline import Pipeline
-from service.reconciler import reconcile_once
+from service.jobs import records as jobs
+from service.jobs.pipeline import Pipeline
+from service.jobs.reconciler import reconcile_once
 from service.states import JobStatus, StageStatus, utcnow
+from service.store.models import Artifact, StageRun
 
 from . import fake_engine
 from .conftest import submit_files
 from .test_reconciler import CHAIN, ctx  # noqa: F401 (ctx is a fixture)
-
 
 # --- idempotency: the hash covers what the files hold, not only their sizes -----------------
 

@@ -1,4 +1,4 @@
-"""The typed client (``service.client``) and the ``dare submit/status/watch/list/cancel/download``
+"""The typed client (``dare_client.client``) and the ``dare submit/status/watch/list/cancel/download``
 commands, against a real server: ``dare api`` and a Celery worker process on PostgreSQL and Redis,
 with API keys required. The worker runs the fake stage runner, so a job takes a second or two; the
 CLI runs as subprocesses exactly as a user types it (URL and key from DARE_URL / DARE_API_KEY)."""
@@ -19,16 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dare_client import cli as client_cli
+from dare_client.client import ApiError, DareClient, DownloadError, ServerUnreachable
+from dare_client.schemas import ArtifactRead, EventRead, JobList, JobRead
 from safetensors.numpy import save as st_save
 
-from service import client_cli
-from service.cli import worker_argv
-from service.client import ApiError, DareClient, DownloadError, ServerUnreachable
-from service.schemas import ArtifactRead, EventRead, JobList, JobRead
+from service.cli.main import worker_argv
 
 from . import subjects
-from .conftest import (FAKE_RUNNER, REDIS_URL, Proc, dare_cmd, free_port, service_env,
-                       wait_http)
+from .conftest import (
+    FAKE_RUNNER,
+    REDIS_URL,
+    Proc,
+    dare_cmd,
+    free_port,
+    service_env,
+    wait_http,
+)
 from .fake_engine import FAIL_INPUT_SEED, SLOW_SEED
 
 EXPECTED_ARTIFACTS = {"hardened.onnx", "hardened.safetensors", "report.json", "report.html"}
@@ -51,8 +58,8 @@ class Server:
 def _make_key(pg_url: str, tenant: str) -> str:
     from sqlalchemy.orm import Session
 
-    from service.auth import create_api_key
-    from service.db import engine_for
+    from service.api.auth import create_api_key
+    from service.store.db import engine_for
 
     with Session(engine_for(pg_url)) as s:
         key = create_api_key(s, tenant)

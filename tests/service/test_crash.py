@@ -18,13 +18,21 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from service.cli import worker_argv
-from service.db import engine_for, session_factory
-from service.models import JobEvent, StageRun
+from service.cli.main import worker_argv
+from service.store.db import engine_for, session_factory
+from service.store.models import JobEvent, StageRun
 
 from . import fake_engine
-from .conftest import (FAKE_RUNNER, REDIS_URL, Proc, dare_cmd, free_port, service_env, wait_http,
-                       wait_job)
+from .conftest import (
+    FAKE_RUNNER,
+    REDIS_URL,
+    Proc,
+    dare_cmd,
+    free_port,
+    service_env,
+    wait_http,
+    wait_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +208,7 @@ def test_redis_flush_and_api_restart_mid_job(stack):
 
 
 def _queued(st) -> set[tuple[str, str]]:  # noqa: ANN001
-    from service.reconciler import queued_messages
+    from service.jobs.reconciler import queued_messages
     from service.settings import Settings
 
     return queued_messages(Settings(database_url="sqlite://", broker_url=REDIS_URL,

@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from service.cli import build_parser, worker_argv
+from service.cli.main import build_parser, worker_argv
 
 from .conftest import REPO
 

@@ -13,10 +13,19 @@ import httpx
 import numpy as np
 import pytest
 
-from service.cli import worker_argv
+from service.cli.main import worker_argv
 
-from .conftest import (REDIS_URL, REPO, Proc, dare_cmd, free_port, make_key, service_env,
-                       wait_http, wait_job)
+from .conftest import (
+    REDIS_URL,
+    REPO,
+    Proc,
+    dare_cmd,
+    free_port,
+    make_key,
+    service_env,
+    wait_http,
+    wait_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +108,7 @@ def test_production_topology_redis_postgres(subject, pg_url, tmp_path):
                       DARE_BROKER_URL=REDIS_URL)
     subprocess.run(dare_cmd("db", "upgrade"), cwd=REPO, env=env, check=True, capture_output=True,
                    timeout=120)  # what the compose "migrate" service runs
-    from service.db import engine_for, session_factory
+    from service.store.db import engine_for, session_factory
 
     auth = {"Authorization": f"Bearer {make_key(session_factory(engine_for(pg_url)), 'e2e')}"}
     api = Proc("api", dare_cmd("api", "--port", str(port)), env, tmp_path)

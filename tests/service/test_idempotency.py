@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service import idempotency, submission
-from service.uploads import ReceivedFile, ReceivedForm
+from service.api import idempotency, submission
+from service.api.uploads import ReceivedFile, ReceivedForm
 
 from .conftest import submit_files, tenant_id
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.inspector_pool import Inspector
+from service.api.inspector_pool import Inspector
 from service.settings import Settings
 from worker.engine.errors import InputError
 
@@ -184,7 +184,7 @@ def test_the_real_inspection_is_fast_and_accepts_a_valid_subject(home):
 
 
 def test_with_inspection_off_nothing_starts(settings):
-    from service.app import create_app
+    from service.api.app import create_app
 
     assert settings.submit_inspection == "off"
     assert create_app(settings, dispatcher=RecordingDispatcher()).state.inspector is None
@@ -196,7 +196,7 @@ def test_waiting_for_an_inspector_holds_no_thread_and_ends_in_a_503(settings):
     slot are accepted; the rest get 503 inspector_busy with Retry-After after the 2 s wait."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     s = settings.model_copy(update={"submit_inspection": "subprocess",
                                     "inspection_max_concurrent": 2,
@@ -260,7 +260,7 @@ def test_an_idempotency_replay_is_not_inspected_again(settings, subject_bytes):
     submission is inspected."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     from .conftest import submit_files
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import uuid
 
-
 from .conftest import api_routes, run_all_stages, submit_files
 
 PROBLEM = "application/problem+json"

@@ -11,13 +11,21 @@ import uuid
 import httpx
 import pytest
 
-from service.cli import worker_argv
+from service.cli.main import worker_argv
+from service.jobs.pipeline import Pipeline
 from service.logs import JsonFormatter, RequestContextMiddleware, log_context
-from service.pipeline import Pipeline
 
 from . import fake_engine
-from .conftest import (REDIS_URL, Proc, dare_cmd, free_port, make_key, service_env, submit_files,
-                       wait_http)
+from .conftest import (
+    REDIS_URL,
+    Proc,
+    dare_cmd,
+    free_port,
+    make_key,
+    service_env,
+    submit_files,
+    wait_http,
+)
 
 
 @pytest.fixture
@@ -98,7 +106,7 @@ def test_api_request_context(client, subject_bytes, captured):
 def test_unhandled_error_is_logged_with_the_request_id(settings, dispatcher, captured):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings, dispatcher=dispatcher)
 
@@ -128,7 +136,7 @@ def test_api_and_worker_processes_write_json_lines(pg_url, clean_db, tmp_path, s
                       DARE_RECONCILE_INTERVAL_S="0", DARE_WEBHOOK_POLL_INTERVAL_S="0")
     from sqlalchemy.orm import sessionmaker
 
-    from service.db import engine_for
+    from service.store.db import engine_for
 
     key = make_key(sessionmaker(engine_for(clean_db)), "t1")
     api = Proc("api", dare_cmd("api", "--port", str(port)), env, tmp_path)

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
-from service.models import Job, StageRun
-from service.pipeline import Pipeline
+from service.jobs.pipeline import Pipeline
+from service.jobs.webhooks import deliver_due
 from service.states import utcnow
-from service.webhooks import deliver_due
+from service.store.models import Job, StageRun
 
 from . import fake_engine
 from .conftest import submit_files
@@ -125,7 +125,7 @@ def test_metrics_after_some_jobs(client, subject_bytes):
 
 
 def test_metrics_can_be_switched_off(settings, dispatcher):
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings.model_copy(update={"metrics_enabled": False}), dispatcher=dispatcher)
     try:
@@ -136,7 +136,7 @@ def test_metrics_can_be_switched_off(settings, dispatcher):
 
 
 def test_database_down_is_a_metric_not_an_error(settings, dispatcher):
-    from service.app import create_app
+    from service.api.app import create_app
 
     down = settings.model_copy(update={"database_url": "postgresql+psycopg://nobody@127.0.0.1:1/x"})
     app = create_app(down, dispatcher=dispatcher, check_db_schema=False)

@@ -11,9 +11,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from service.db import (SchemaOutdated, check_schema, current_revision, downgrade, head_revision,
-                        make_engine, upgrade)
-from service.models import Base
+from service.store.db import (
+    SchemaOutdated,
+    check_schema,
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    upgrade,
+)
+from service.store.models import Base
 
 from .conftest import PG_ADMIN_URL, PG_HOST, REPO, service_env
 
@@ -109,7 +116,7 @@ def test_0002_gives_existing_jobs_the_default_tenant_and_keeps_their_rows(db_url
 def test_app_refuses_to_start_on_an_old_schema(tmp_path):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     s = Settings(home=tmp_path)  # a fresh SQLite file: no tables
@@ -119,7 +126,7 @@ def test_app_refuses_to_start_on_an_old_schema(tmp_path):
 
 
 def test_dare_api_exits_with_what_to_run(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "service.cli", "api", "--port", "1"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "service.cli.main", "api", "--port", "1"], cwd=REPO,
                        env=service_env(DARE_HOME=str(tmp_path)), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2
@@ -128,7 +135,7 @@ def test_dare_api_exits_with_what_to_run(tmp_path):
 
 
 def test_dare_db_upgrade_is_the_migrate_command(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "service.cli.main", "db", "upgrade"], cwd=REPO,
                        env=service_env(DARE_HOME=str(tmp_path)), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr

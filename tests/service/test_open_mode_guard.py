@@ -7,17 +7,25 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service.models import Job
-from service.open_mode_guard import OpenModeGuard, host_name, is_loopback_origin
+from service.api.open_mode_guard import OpenModeGuard, host_name, is_loopback_origin
+from service.store.models import Job
 
-from .conftest import Proc, dare_cmd, free_port, make_key, service_env, submit_files, wait_http
+from .conftest import (
+    Proc,
+    dare_cmd,
+    free_port,
+    make_key,
+    service_env,
+    submit_files,
+    wait_http,
+)
 
 LOOPBACK = "http://127.0.0.1:8000"
 
 
 @pytest.fixture
 def open_app(settings, dispatcher):
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings.model_copy(update={"auth": "open"}), dispatcher=dispatcher)
     yield app

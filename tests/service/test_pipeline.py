@@ -10,11 +10,17 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from service import jobs
-from service.models import JobEvent, StageRun
-from service.pipeline import Pipeline, overall_progress
-from service.states import (ALLOWED, IllegalTransition, JobStatus, StageStatus, transition,
-                            utcnow)
+from service.jobs import records as jobs
+from service.jobs.pipeline import Pipeline, overall_progress
+from service.states import (
+    ALLOWED,
+    IllegalTransition,
+    JobStatus,
+    StageStatus,
+    transition,
+    utcnow,
+)
+from service.store.models import JobEvent, StageRun
 from worker.engine.errors import Cancelled
 
 from . import fake_engine
@@ -212,7 +218,7 @@ def test_progress_is_written_while_running_but_throttled(client, submit):
         seen["calls"] = n
         return {}
 
-    from service import pipeline as pmod
+    from service.jobs import pipeline as pmod
 
     real_flush = pmod._ProgressWriter.flush
 

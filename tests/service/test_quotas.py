@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service import jobs
+from service.jobs import records as jobs
 from service.states import JobStatus, transition
 
 from .conftest import RecordingDispatcher, make_key, submit_files, tenant_id
@@ -71,7 +71,7 @@ def test_the_setting_applies_to_tenants_without_their_own_limit(settings, dispat
                                                                 subject_bytes):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings.model_copy(update={"max_active_jobs_per_tenant": 1}),
                      dispatcher=dispatcher)
@@ -87,8 +87,8 @@ def racing_client(request, settings, tmp_path):
     """A client whose tenant may have 2 active jobs, on each database backend."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.db import upgrade
+    from service.api.app import create_app
+    from service.store.db import upgrade
 
     s = settings
     if request.param == "sqlite":
@@ -131,7 +131,7 @@ def test_an_idempotent_retry_at_the_quota_gets_its_job_back(client, subject_byte
 @pytest.fixture
 def live(settings):
     """A real server (uvicorn) on the settings, with tenants "a" (limit 1 active job) and "b"."""
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings, dispatcher=RecordingDispatcher())
     factory = app.state.ctx.factory

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import psycopg
 from sqlalchemy import text
 
-from service import db
-from service.auth import KEY_CACHE_TTL_S, PREFIX_CHARS, Principal, PrincipalCache
+from service.api.auth import KEY_CACHE_TTL_S, PREFIX_CHARS, Principal, PrincipalCache
+from service.store import db
 
 from .conftest import REPO, dare_cmd, make_key, service_env, submit_files
 
@@ -24,7 +24,7 @@ from .conftest import REPO, dare_cmd, make_key, service_env, submit_files
 def statements(engine) -> Iterator[list[str]]:  # noqa: ANN001
     """The SQL sent to PostgreSQL for requests while the block runs, counted at psycopg's
     cursor (the polled reads bypass SQLAlchemy's execution and its events, see
-    service.jobs._rows); the API's own periodic threads, reconciler and webhook sender, are
+    service.jobs.records._rows); the API's own periodic threads, reconciler and webhook sender, are
     not counted."""
     assert engine.dialect.name == "postgresql"
     seen: list[str] = []
@@ -103,7 +103,7 @@ def test_the_cache_expires_forgets_on_revocation_and_stays_bounded():
         cache.put(k, p, cache.generation())
     assert cache.get(keys[0]) is None and cache.get(keys[2]) == p  # least recently used went
     stale = cache.generation()
-    from service.auth import _note_revocation
+    from service.api.auth import _note_revocation
 
     _note_revocation()  # what revoke() does in this process
     assert cache.get(keys[2]) is None
@@ -131,8 +131,9 @@ def test_the_driver_level_reads_answer_what_the_orm_answers(client, subject_byte
     """GET /v1/jobs(/id) read PostgreSQL through psycopg directly and send pre-encoded bytes:
     they must be the bytes the ORM's Job, through job_read and FastAPI's response_model, give,
     with every filter (statuses, cursor) of a page."""
-    from service import jobs
-    from service.schemas import JobList, JobRead
+    from dare_client.schemas import JobList, JobRead
+
+    from service.jobs import records as jobs
     from service.states import JobStatus
 
     files, data = submit_files(subject_bytes)

@@ -11,13 +11,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, text
 
-from service import jobs
-from service.background import Background
-from service.dispatch import CeleryDispatcher
-from service.models import Artifact, Job, JobEvent, StageRun
-from service.pipeline import Pipeline
-from service.reconciler import queued_messages, reconcile_once
+from service.jobs import records as jobs
+from service.jobs.background import Background
+from service.jobs.dispatch import CeleryDispatcher
+from service.jobs.pipeline import Pipeline
+from service.jobs.reconciler import queued_messages, reconcile_once
 from service.states import JobStatus, StageStatus, transition, utcnow
+from service.store.models import Artifact, Job, JobEvent, StageRun
 
 from . import fake_engine
 from .conftest import REDIS_URL, RecordingDispatcher, submit_files
@@ -326,7 +326,7 @@ def test_background_runs_each_task_on_its_interval_and_survives_errors(caplog):
 def test_the_api_runs_the_reconciler(settings, subject_bytes, empty_broker):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     settings.reconcile_interval_s, settings.requeue_after_s = 0.2, 0.5
     recorder = RecordingDispatcher()
@@ -346,7 +346,7 @@ def test_the_api_runs_the_reconciler(settings, subject_bytes, empty_broker):
 def client_headers(c) -> dict[str, str]:
     """A bearer key for tenant t1 when the API has authentication, nothing otherwise."""
     try:
-        from service.auth import create_api_key
+        from service.api.auth import create_api_key
     except ImportError:
         return {}
     with c.app.state.ctx.factory() as s:

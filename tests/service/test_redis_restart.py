@@ -15,8 +15,15 @@ import pytest
 
 from . import fake_engine
 from .conftest import FAKE_RUNNER, free_port, service_env, wait_job
-from .test_crash import (TERMINAL, _assert_each_stage_finished_once, _events, _submit,
-                         _wait_inside, fake_engine_stages, running_stack)
+from .test_crash import (
+    TERMINAL,
+    _assert_each_stage_finished_once,
+    _events,
+    _submit,
+    _wait_inside,
+    fake_engine_stages,
+    running_stack,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import uuid
 
-
 from . import fake_engine
 from .conftest import run_all_stages, submit_files
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 
-from service import jobs
-from service.models import Artifact, Job, JobInput
-from service.pipeline import Pipeline
-from service.reconciler import reconcile_once
-from service.staging import OWNER_FILE, StagingLock, sweep
+from service.api.staging import OWNER_FILE, StagingLock, sweep
+from service.jobs import records as jobs
+from service.jobs.pipeline import Pipeline
+from service.jobs.reconciler import reconcile_once
 from service.states import JobStatus, transition, utcnow
+from service.store.models import Artifact, Job, JobInput
 
 from . import fake_engine
 from .conftest import REPO, RecordingDispatcher, run_all_stages
@@ -129,11 +129,11 @@ def test_staging_of_a_killed_process_is_swept_at_start_up(settings, dispatcher):
     the sweep keeps the folder, after the kill the API's start-up removes it."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     root = settings.upload_tmp_dir
     folder = root / str(uuid.uuid4())
-    code = ("import sys, time; from pathlib import Path; from service.staging import StagingLock; "
+    code = ("import sys, time; from pathlib import Path; from service.api.staging import StagingLock; "
             "StagingLock(Path(sys.argv[1])); (Path(sys.argv[1]) / 'inputs').mkdir(); "
             "print('staged', flush=True); time.sleep(300)")
     child = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO,

@@ -13,13 +13,27 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from service.cli import worker_argv
+from service.cli.main import worker_argv
 from service.settings import Settings
-from service.storage import (ArtifactNotFound, LocalArtifactStore, S3ArtifactStore, artifact_key,
-                             input_key, store_from_settings)
+from service.store.storage import (
+    ArtifactNotFound,
+    LocalArtifactStore,
+    S3ArtifactStore,
+    artifact_key,
+    input_key,
+    store_from_settings,
+)
 
-from .conftest import (FAKE_RUNNER, REDIS_URL, Proc, dare_cmd, free_port, service_env, wait_http,
-                       wait_job)
+from .conftest import (
+    FAKE_RUNNER,
+    REDIS_URL,
+    Proc,
+    dare_cmd,
+    free_port,
+    service_env,
+    wait_http,
+    wait_job,
+)
 
 BUCKET = "dare-test"
 PREFIX = "tenant-a/prod"
@@ -166,7 +180,7 @@ def test_settings_select_the_store(s3_endpoint: str, tmp_path: Path):
 def test_readyz_checks_the_bucket(s3_endpoint: str, settings: Settings, store: S3ArtifactStore):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     from .conftest import RecordingDispatcher
 

@@ -14,8 +14,12 @@ from collections import Counter
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import (content_type_conformance, not_a_server_error,
-                                 response_schema_conformance, status_code_conformance)
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.generation import DataGenerationMethod
 
 from service.settings import Settings
@@ -60,7 +64,7 @@ _hypothesis_many_compat()
 
 @pytest.fixture(scope="module")
 def fuzz_app(pg_url, tmp_path_factory):
-    from service.app import create_app
+    from service.api.app import create_app
 
     home = tmp_path_factory.mktemp("fuzz")
     s = Settings(home=home, database_url=pg_url, broker_url=REDIS_URL, stage_runner=FAKE_RUNNER,

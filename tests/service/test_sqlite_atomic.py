@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import event, select, text, update
 
-from service import jobs
-from service.db import make_engine, session_factory, upgrade
-from service.models import JobEvent, StageRun, Tenant
-from service.pipeline import Pipeline
+from service.jobs import records as jobs
+from service.jobs.pipeline import Pipeline
 from service.states import JobStatus, StageStatus, utcnow
+from service.store.db import make_engine, session_factory, upgrade
+from service.store.models import JobEvent, StageRun, Tenant
 from worker.engine.errors import Cancelled
 
 from .conftest import RecordingDispatcher, make_key, submit_files
@@ -35,7 +35,7 @@ def db_client(request, settings, tmp_path):
     test's threads touch the job."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     s = settings.model_copy(update={"reconcile_interval_s": 0, "webhook_poll_interval_s": 0})
     if request.param == "sqlite":

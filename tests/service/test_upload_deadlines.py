@@ -20,7 +20,7 @@ PROBLEM = "application/problem+json"
 
 @contextmanager
 def _live(settings):
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings, dispatcher=RecordingDispatcher())
     try:

@@ -14,10 +14,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select as sql_select
 
-from service.models import Job, WebhookDelivery
+from service.jobs.webhook_net import check_url, post
+from service.jobs.webhooks import deliver_due
 from service.states import utcnow
-from service.webhook_net import check_url, post
-from service.webhooks import deliver_due
+from service.store.models import Job, WebhookDelivery
 
 from .conftest import make_key, tenant_id
 from .test_webhook_ssrf import cancelled_job
@@ -169,8 +169,8 @@ def two_tenants(request, settings, dispatcher, tmp_path):
     """Clients for tenants t1 and t2 of one API, on each database backend."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.db import upgrade
+    from service.api.app import create_app
+    from service.store.db import upgrade
 
     s = settings
     if request.param == "sqlite":
@@ -257,7 +257,7 @@ def test_a_tenant_with_many_due_rows_does_not_crowd_out_another(client, client_t
     tenant: the claim takes one of each (and leaves tenant 1's others due)."""
     from collections import Counter
 
-    from service.webhooks import _claim
+    from service.jobs.webhooks import _claim
 
     ctx = client.app.state.ctx
     url = "http://127.0.0.1:9/hook"  # never sent to here

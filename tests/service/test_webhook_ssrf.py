@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpcore
 import pytest
 
-from service import webhook_net
-from service.webhook_net import UnsafeWebhookUrl, check_url, refusal_reason
-from service.webhooks import deliver_due
+from service.jobs import webhook_net
+from service.jobs.webhook_net import UnsafeWebhookUrl, check_url, refusal_reason
+from service.jobs.webhooks import deliver_due
 
 from .conftest import submit_files
 from .test_webhooks import Receiver, api_client, deliveries

@@ -1,6 +1,6 @@
 """Signed webhooks from the outbox, received by a real HTTP server on a free port and verified
 with an implementation of the Standard Webhooks signature written here, independently of
-``service.webhooks``. Jobs run in-process with the stand-in engine (as in test_pipeline)."""
+``service.jobs.webhooks``. Jobs run in-process with the stand-in engine (as in test_pipeline)."""
 from __future__ import annotations
 
 import base64
@@ -17,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import select
 
-from service.models import DeliveryStatus, WebhookDelivery
-from service.pipeline import Pipeline
-from service.webhooks import deliver_due
+from service.jobs.pipeline import Pipeline
+from service.jobs.webhooks import deliver_due
+from service.store.models import DeliveryStatus, WebhookDelivery
 from worker.engine.config import HardenConfig, stage_names
 
 from . import fake_engine
@@ -79,7 +79,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int =
 
 def test_signature_matches_the_standard_webhooks_test_vector():
     """The vector in the Standard Webhooks reference libraries' tests (also Svix's)."""
-    from service.webhooks import sign
+    from service.jobs.webhooks import sign
 
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     msg_id, ts = "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330
@@ -91,8 +91,8 @@ def test_signature_matches_the_standard_webhooks_test_vector():
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap():
+    from service.jobs.webhooks import backoff_s
     from service.settings import Settings
-    from service.webhooks import backoff_s
 
     s = Settings(webhook_backoff_s=5, webhook_backoff_max_s=300)
     for attempt in range(1, 12):
@@ -104,7 +104,7 @@ def test_backoff_doubles_with_jitter_up_to_the_cap():
 
 
 def test_url_check_refuses_non_public_addresses():
-    from service.webhooks import UnsafeWebhookUrl, check_url
+    from service.jobs.webhooks import UnsafeWebhookUrl, check_url
 
     check_url("https://93.184.216.34/hook", allow_private=False)  # a public address
     check_url("http://127.0.0.1:9/x", allow_private=True)
@@ -336,7 +336,7 @@ def api_client(settings, dispatcher) -> Iterator:  # noqa: ANN001
     t1 like the conftest's client."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings, dispatcher=dispatcher)
     try:

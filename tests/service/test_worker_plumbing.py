@@ -9,11 +9,19 @@ import httpx
 import numpy as np
 import pytest
 
-from service.cli import worker_argv
+from service.cli.main import worker_argv
 
 from . import fake_engine
-from .conftest import (FAKE_RUNNER, REDIS_URL, Proc, dare_cmd, free_port, service_env, wait_http,
-                       wait_job)
+from .conftest import (
+    FAKE_RUNNER,
+    REDIS_URL,
+    Proc,
+    dare_cmd,
+    free_port,
+    service_env,
+    wait_http,
+    wait_job,
+)
 
 pytestmark = pytest.mark.slow
 

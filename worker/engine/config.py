@@ -73,6 +73,15 @@ class EvaluationConfig(_Strict):
         return list(dict.fromkeys(v))
 
 
+class MlflowOptions(_Strict):
+    """A job's MLflow run: in which experiment, under which name (the tracking server is the
+    operator's, never a job's: a job-supplied URL would make the worker call any address)."""
+    experiment: str | None = Field(None, min_length=1, max_length=256,
+                                   description="default: DARE_MLFLOW_EXPERIMENT ('dare')")
+    run_name: str | None = Field(None, min_length=1, max_length=256,
+                                 description="default: dare-<job id prefix>")
+
+
 class HardenConfig(_Strict):
     q: float = Field(0.95, gt=0, le=1, description="fraction of key synapses kept per class and layer")
     p: int = Field(1, ge=1, le=16, description="parametric layers removed to make M_T")
@@ -91,11 +100,15 @@ class HardenConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    # Service-level fields (the engine ignores them): where service.webhooks POSTs this job's
+    # Service-level fields (the engine ignores them): where service.jobs.webhooks POSTs this job's
     # events. Only the shape is checked here; the API refuses private addresses at submission.
     webhook_url: str | None = Field(None, max_length=2048,
                                     description="http(s) URL that receives signed job events")
     webhook_stage_events: bool = Field(False, description="also send job.stage_started/finished")
+    # Where service.jobs.mlflow_log records this job (the operator's DARE_MLFLOW_TRACKING_URI):
+    # false opts out; an object names the experiment and the run.
+    mlflow: bool | MlflowOptions = Field(True, description="log the finished job to MLflow "
+                                         "(when the server has DARE_MLFLOW_TRACKING_URI)")
 
     @field_validator("webhook_url")
     @classmethod

@@ -1,7 +1,7 @@
 """Load a submission's inputs exactly as the engine will, in a throw-away process, and say
 whether they are usable: ``python -m worker.engine.inspect_inputs --dir JOBDIR --config JSON``.
 
-The API runs this before it accepts a job (service.inspection), in a child process under
+The API runs this before it accepts a job (service.api.inspection), in a child process under
 resource limits, because the API must not import torch and must not parse a hostile file
 itself. ``JOBDIR/inputs/`` holds model.onnx|model.pt2, history.zip and optionally data.npz, the
 layout of a job directory, so :func:`worker.engine.stages.load_inputs` reads them with the very

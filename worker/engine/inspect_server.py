@@ -1,7 +1,7 @@
 """The inspector's fork server: ``python -m worker.engine.inspect_server``.
 
 Importing torch and the engine takes seconds; inspecting a digits subject takes a fraction of
-one. So the API (service.inspector_pool) starts this process once, with a credential-free
+one. So the API (service.api.inspector_pool) starts this process once, with a credential-free
 environment; it imports everything an inspection needs and then waits for requests, one JSON
 line each on stdin. For each it forks a child which is used once: it enters the sandbox
 (:mod:`worker.engine.inspect_sandbox`: no network, only the job's folder, not root, resource
