@@ -297,7 +297,9 @@ def _regenerate(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_reference("mlp", "digits", 6, Path(tmp) / "subject", seed=0)
         cfg = {"evaluation": {"n_samples": 40, "attacks": ["fgsm", "bim", "pgd", "cw", "jsma"]},
-               "tune": {"epochs": 3}, "baselines": {"epochs": 1, "max_train": 100, "lr_grid": [1e-3]},
+               "tune": {"epochs": 3}, "baselines": {"max_train": 100},
+               "selection": {"dare": {"epochs": [3], "lr": [3e-3], "history_fraction": [0.5]},
+                             "adversarial": {"epochs": [1], "lr": [1e-3]}},
                "compare": True, "seed": 0}
         rc = cli(["harden", "--model", f"{tmp}/subject/model.onnx", "--history",
                   f"{tmp}/subject/history.zip", "--dataset", "digits", "--out", f"{tmp}/out",

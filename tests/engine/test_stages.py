@@ -12,7 +12,9 @@ from worker.engine.reference.train import train_reference
 from worker.engine.stages import CONTROLS, StageContext, run_stage, stage_names
 
 SMALL = {"evaluation": {"n_samples": 40, "attacks": ["fgsm", "pgd", "jsma"]},
-         "tune": {"epochs": 3}, "baselines": {"epochs": 1, "max_train": 100, "lr_grid": [1e-3]}}
+         "tune": {"epochs": 3}, "baselines": {"epochs": 1, "max_train": 100, "lr_grid": [1e-3]},
+         "selection": {"dare": {"epochs": [3], "lr": [3e-3], "history_fraction": [0.5]},
+                       "adversarial": {"epochs": [1], "lr": [1e-3]}}}
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +88,17 @@ def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
     assert {"dare", "dare_adv", "at_fgsm", "at_pgd_online", "dare_s", "dare_sl", "dare_rand",
             "finetune_mined", "weight_noise"} <= set(comp["methods"])
     assert comp["recommended"] not in CONTROLS  # measured beside the methods, never recommended
-    # The ranking recomputed from the raw attack results (state/evaluation.json), the original's
-    # clean accuracy and the configured budget, not from the comparison's own summaries.
-    ev = json.loads((wd / "state" / "evaluation.json").read_text())
-    orig, limit = ev["clean"]["original"], cfg.clean_drop_limit
-
-    def mean_adaptive(method):
-        vals = [a["per_model"][method]["adaptive_accuracy"] for a in ev["attacks"].values()]
-        return sum(vals) / len(vals)
-
-    eligible = [m for m in comp["methods"]
-                if orig - ev["clean"][m] <= limit + 1e-12 and m not in CONTROLS]
+    # The choice recomputed from the validation rows (never from the test figures), the
+    # original's validation clean accuracy and the configured budget.
+    sel = comp["selection"]
+    orig, limit = sel["original"]["val_clean"], cfg.clean_drop_limit
+    eligible = [m for m, r in sel["methods"].items()
+                if orig - r["val_clean"] <= limit + 1e-12 and m not in CONTROLS]
     assert eligible
-    best = max(mean_adaptive(m) for m in eligible)
+    best = max(sel["methods"][m]["val_robust"] for m in eligible)
     assert comp["recommended"] in eligible
-    assert mean_adaptive(comp["recommended"]) == pytest.approx(best)
+    assert sel["methods"][comp["recommended"]]["val_robust"] == pytest.approx(best)
+    ev = json.loads((wd / "state" / "evaluation.json").read_text())
     assert report["method"] == comp["recommended"]
     # auto ships the recommended method: the exported weights are that method's model
     shipped = (wd / "artifacts" / "hardened.safetensors").read_bytes()
@@ -116,36 +114,26 @@ def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
 def test_every_method_trains_against_the_evaluations_budget(subject, tmp_path, monkeypatch):
     """One threat model per job: evaluation.eps (away from the dataset's 0.1) is the budget the
     adversarial-training baselines and DARE-adv's PGD train against; tune.adv_eps still wins."""
-    from worker.engine import attacks, baselines
+    from worker.engine import attacks
     from worker.engine.stages import harden
 
-    seen = {}
-
-    def spy(name):
-        def fake(model, *args, eps=None, **kw):
-            seen[name] = eps
-            return model, {}
-        return fake
-
-    monkeypatch.setattr(baselines, "adversarial_training", spy("at"))
-    monkeypatch.setattr(baselines, "pgd_online_training", spy("online"))
+    made = []
+    real = attacks.make_attack
+    monkeypatch.setattr(attacks, "make_attack",
+                        lambda name, m, **kw: made.append((name, kw.get("eps"))) or real(name, m, **kw))
     wd = _job(tmp_path, subject)
     ctx = StageContext(wd, parse_config({**SMALL, "dataset": "digits",
                                          "evaluation": {"eps": 0.05}}))
     harden(ctx, "at_pgd")
     harden(ctx, "at_pgd_online")
-    assert seen == {"at": 0.05, "online": 0.05}
-
-    made = []
-    real = attacks.make_attack
-    monkeypatch.setattr(attacks, "make_attack",
-                        lambda name, m, **kw: made.append(kw["eps"]) or real(name, m, **kw))
+    assert made and set(made) == {("pgd", 0.05)}
+    made.clear()
     for name in ("validate", "slice", "mine"):
         run_stage(name, ctx)
     harden(ctx, "dare_adv")
-    assert made and set(made) == {0.05}
+    assert made and {e for _, e in made} == {0.05}
     made.clear()
     ctx2 = StageContext(wd, parse_config({**SMALL, "dataset": "digits", "tune": {"epochs": 1, "adv_eps": 0.2},
                                           "evaluation": {"eps": 0.05}}))
     harden(ctx2, "dare_adv")
-    assert made and set(made) == {0.2}
+    assert made and {e for _, e in made} == {0.2}

@@ -27,8 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Cancelled
-from .evaluation import (accuracy, attack_kwargs, model_device, run_batched, select_samples,
-                         set_eval)
+from .evaluation import (
+    accuracy,
+    attack_kwargs,
+    model_device,
+    run_batched,
+    select_samples,
+    set_eval,
+)
+from .selection import select_run  # the grid rule, shared with compare's selection
 
 ATTACK_BATCH = 250
 VAL_MAX = 1000  # validation points used to pick a grid run (attacked once per run)
@@ -44,13 +51,15 @@ def _make_attack(name, model, dataset=None, **overrides):
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int,
          batch_size: int, adv_fraction: float = 0.0, adversary=None, weight_decay: float = 0.0,
-         seed: int = 0, tick=lambda n: None, cancelled=lambda: False) -> dict:
+         seed: int = 0, tick=lambda n: None, cancelled=lambda: False,
+         on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None) -> dict:
     """Fine-tune ``model`` in place with Adam on cross-entropy.
 
     loss = (1 - adv_fraction) * CE(x) + adv_fraction * CE(adversary(idx, x, y)), where
     ``adversary`` returns the adversarial batch for the batch's indices (offline: a lookup;
-    online: an attack on the current weights). Returns ``{"final_loss", "diverged", "steps",
-    "adversary_seconds"}``; training stops at the first non-finite loss.
+    online: an attack on the current weights). ``on_epoch(k, model)`` runs after epoch k
+    (1-based): the selection scores its epoch snapshots there. Returns ``{"final_loss",
+    "diverged", "steps", "adversary_seconds"}``; training stops at the first non-finite loss.
     """
     # Exported graphs (torch.export) have BatchNorm and dropout baked in as inference ops and
     # refuse train() altogether, so train mode means nothing for them. Staying in eval() makes a
@@ -65,7 +74,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
     g = torch.Generator().manual_seed(seed)
     n = len(x)
     last, diverged, steps, adv_s = float("nan"), False, 0, 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             if cancelled():
@@ -90,27 +99,13 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
             tick(len(idx))
         if diverged:
             break
+        on_epoch(epoch + 1, model)
     opt.zero_grad(set_to_none=True)
     return {"final_loss": last, "diverged": diverged, "steps": steps, "adversary_seconds": adv_s}
 
 
-def _finite_or_none(v):
+def finite_or_none(v):
     return v if (v is None or math.isfinite(v)) else None
-
-
-def select_run(runs: list[dict]) -> dict:
-    """The grid run to keep: the highest ``val_robust`` among runs ``within_budget``.
-
-    Ties go to the higher validation clean accuracy. When no run keeps the budget, the run with the
-    highest validation clean accuracy is returned (its ``within_budget`` stays False, so the report
-    shows the violation instead of hiding it).
-    """
-    if not runs:
-        raise ValueError("empty grid")
-    ok = [r for r in runs if r["within_budget"]]
-    if ok:
-        return max(ok, key=lambda r: (r["val_robust"], r["val_clean"]))
-    return max(runs, key=lambda r: (r["val_clean"], r["val_robust"]))
 
 
 def _grid_search(original: nn.Module, splits, cfg, *, method: str, attack: str, train_x, train_y,
@@ -142,7 +137,7 @@ def _grid_search(original: nn.Module, splits, cfg, *, method: str, attack: str, 
             vc = accuracy(m, xv, yv)
             run = {"lr": lr, "adv_fraction": frac, "val_clean": vc, "val_robust": val_robust(m),
                    "within_budget": vc >= base_clean - clean_drop_limit - 1e-12,
-                   "final_loss": _finite_or_none(fit["final_loss"]), "diverged": fit["diverged"]}
+                   "final_loss": finite_or_none(fit["final_loss"]), "diverged": fit["diverged"]}
             runs.append(run)
             if select_run(runs) is run:
                 best_state, best_key = copy.deepcopy(m.state_dict()), (lr, frac)
@@ -162,9 +157,35 @@ def _grid_search(original: nn.Module, splits, cfg, *, method: str, attack: str, 
     return model, info
 
 
-def _train_subset(splits, max_train: int, seed: int):
+def train_subset(splits, max_train: int, seed: int):
     idx = select_samples(len(splits.x_train), max_train, seed)
     return splits.x_train[idx], splits.y_train[idx]
+
+
+def offline_examples(original: nn.Module, attack: str, xs: torch.Tensor, ys: torch.Tensor, *,
+                     dataset: str | None, eps: float | None, device, tick=lambda n: None,
+                     cancelled=lambda: False) -> tuple[torch.Tensor, dict, float]:
+    """The paper's offline adversarial examples: ``attack`` against the ORIGINAL model, made once.
+    Returns ``(x_adv on the CPU, the attack's parameters, seconds)``."""
+    attack = attack.removeprefix("at_")
+    t0 = time.perf_counter()
+    gen = _make_attack(attack, original, dataset=dataset, **attack_kwargs(attack, eps))
+    x_adv = run_batched(gen, xs, ys, batch_size=ATTACK_BATCH, device=device, tick=tick,
+                        cancelled=cancelled)
+    return x_adv, gen.params(), time.perf_counter() - t0
+
+
+def online_adversary(m: nn.Module, *, dataset: str | None, eps: float | None):
+    """Madry et al.'s adversary for ``_fit``: PGD against ``m``'s current weights at every batch.
+    Returns ``(adversary, the attack's parameters)``."""
+    atk = _make_attack("pgd", m, dataset=dataset, **attack_kwargs("pgd", eps))
+
+    def adv(idx, xb, yb):
+        out = atk(xb, yb).detach()
+        m.zero_grad(set_to_none=True)
+        return out
+
+    return adv, atk.params()
 
 
 def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_drop_limit: float = 0.10,
@@ -185,16 +206,14 @@ def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_dr
     attack = attack.removeprefix("at_")
     dev = torch.device(device)
     original = set_eval(model.to(dev))
-    xs, ys = _train_subset(splits, cfg.max_train, seed)
+    xs, ys = train_subset(splits, cfg.max_train, seed)
     n_grid = len(cfg.lr_grid) * len(cfg.adv_fraction_grid)
     n_val = min(VAL_MAX, len(splits.x_val))
     meter = _Meter(len(xs) * (1 + n_grid * cfg.epochs) + n_val * (1 + n_grid), progress)
 
-    t0 = time.perf_counter()
-    gen = _make_attack(attack, original, dataset=splits.name, **attack_kwargs(attack, eps))
-    x_adv = run_batched(gen, xs, ys, batch_size=ATTACK_BATCH, device=dev, tick=meter.tick,
-                        cancelled=cancelled)
-    gen_s = time.perf_counter() - t0
+    x_adv, gen_params, gen_s = offline_examples(original, attack, xs, ys, dataset=splits.name,
+                                                eps=eps, device=dev, tick=meter.tick,
+                                                cancelled=cancelled)
 
     hardened, info = _grid_search(
         original, splits, cfg, method=f"at_{attack}", attack=attack, train_x=xs, train_y=ys,
@@ -202,7 +221,7 @@ def adversarial_training(model: nn.Module, attack: str, splits, cfg, *, clean_dr
         clean_drop_limit=clean_drop_limit, seed=seed, dev=dev, meter=meter, cancelled=cancelled,
         eps=eps)
     info.pop("online_gen_seconds")
-    info.update(gen_seconds=gen_s, attack_params=gen.params(),
+    info.update(gen_seconds=gen_s, attack_params=gen_params,
                 original_train_adv_accuracy=accuracy(original, x_adv, ys))
     progress(1.0)
     return hardened, info
@@ -219,21 +238,15 @@ def pgd_online_training(model: nn.Module, splits, cfg, *, clean_drop_limit: floa
 
     dev = torch.device(device)
     original = set_eval(model.to(dev))
-    xs, ys = _train_subset(splits, cfg.max_train, seed)
+    xs, ys = train_subset(splits, cfg.max_train, seed)
     n_grid = len(cfg.lr_grid) * len(cfg.adv_fraction_grid)
     n_val = min(VAL_MAX, len(splits.x_val))
     meter = _Meter(len(xs) * n_grid * cfg.epochs + n_val * (1 + n_grid), progress)
     params = {}
 
     def adversary_for(m):
-        atk = _make_attack("pgd", m, dataset=splits.name, **attack_kwargs("pgd", eps))
-        params.update(atk.params())
-
-        def adv(idx, xb, yb):
-            out = atk(xb, yb).detach()
-            m.zero_grad(set_to_none=True)
-            return out
-
+        adv, p = online_adversary(m, dataset=splits.name, eps=eps)
+        params.update(p)
         return adv
 
     hardened, info = _grid_search(
@@ -248,7 +261,9 @@ def pgd_online_training(model: nn.Module, splits, cfg, *, clean_drop_limit: floa
 
 def finetune_mined(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, *, seed: int = 0, device="cpu",
                    progress: Progress = lambda f: None,
-                   cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
+                   cancelled: Callable[[], bool] = lambda: False,
+                   on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None
+                   ) -> tuple[nn.Module, dict]:
     """Plain cross-entropy fine-tuning of a copy on (x, y) (the DARE-mined samples): the control.
 
     cfg: ``config.TuneConfig`` (the same epochs, lr, batch size and weight decay DARE tunes with, so
@@ -266,10 +281,10 @@ def finetune_mined(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, *, s
     fit = {"final_loss": None, "diverged": False, "steps": 0}
     if len(x):
         fit = _fit(m, x, y, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=wd,
-                   seed=seed, tick=meter.tick, cancelled=cancelled)
+                   seed=seed, tick=meter.tick, cancelled=cancelled, on_epoch=on_epoch)
     progress(1.0)
     return m, {"method": "finetune_mined", "n": len(x), "epochs": cfg.epochs, "lr": lr,
                "batch_size": cfg.batch_size, "weight_decay": wd,
-               "final_loss": _finite_or_none(fit["final_loss"]), "diverged": fit["diverged"],
+               "final_loss": finite_or_none(fit["final_loss"]), "diverged": fit["diverged"],
                "steps": fit["steps"], "gen_seconds": 0.0,
                "train_seconds": time.perf_counter() - t0}

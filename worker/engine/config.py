@@ -14,6 +14,8 @@ ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
 AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
 ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
 METHODS = ("dare", "dare_adv") + AT_METHODS + ("auto",)
+# Everything compare can train, in the report's order (methods.REGISTRY holds how).
+COMPARE_METHODS = ("dare", "dare_adv") + AT_METHODS + ABLATIONS
 
 
 class _Strict(BaseModel):
@@ -33,13 +35,107 @@ class TuneConfig(_Strict):
 
 
 class BaselineConfig(_Strict):
-    """Adversarial training (paper 4.2 baselines); a small grid is searched on the validation split."""
+    """Adversarial training (paper 4.2 baselines). ``batch_size`` and ``max_train`` apply to every
+    job; ``epochs``, ``lr_grid`` and ``adv_fraction_grid`` are the grid of the standalone
+    ``baselines.adversarial_training`` / ``pgd_online_training`` functions only: a job trains the
+    grid in ``selection.adversarial``."""
 
     epochs: int = Field(5, ge=1, le=200)
     lr_grid: list[float] = Field(default_factory=lambda: [1e-3, 3e-4])
     adv_fraction_grid: list[float] = Field(default_factory=lambda: [0.5])
     batch_size: int = Field(64, ge=1, le=4096)
     max_train: int = Field(2000, ge=10, description="training examples used to make adversarial ones")
+
+
+def _nonempty_sorted(v):
+    if v is None:
+        return None
+    if not v:
+        raise ValueError("a grid needs at least one value")
+    return sorted(dict.fromkeys(v))
+
+
+class GridConfig(_Strict):
+    """The values a method is trained with when it is selected (compare, auto, at_* jobs): every
+    combination is trained and judged on the selection split. A parameter the method does not
+    take is ignored for it; null in ``selection.methods`` keeps the family's list."""
+
+    epochs: list[int] | None = Field(None, description="training epochs (one run per lr, snapshots "
+                                                       "at each value)")
+    lr: list[float] | None = Field(None, description="Adam learning rates")
+    q: list[float] | None = Field(None, description="DARE: fraction of key synapses (top_fraction)")
+    history_fraction: list[float] | None = Field(None, description="DARE: latest share of the "
+                                                                   "history mined")
+    adv_fraction: list[float] | None = Field(None, description="offline adversarial training: "
+                                                               "weight of the adversarial loss")
+
+    @field_validator("epochs", "lr", "q", "history_fraction", "adv_fraction")
+    @classmethod
+    def _values(cls, v, info):
+        v = _nonempty_sorted(v)
+        if v is None:
+            return v
+        lo, hi, lo_ok = _GRID_RANGES[info.field_name]
+        bad = [x for x in v if not ((lo <= x if lo_ok else lo < x) and x <= hi)]
+        if bad:
+            raise ValueError(f"{info.field_name} values must lie in {'[' if lo_ok else '('}{lo}, "
+                             f"{hi}]: {bad}")
+        return v
+
+
+# (low, high, low included) per grid parameter
+_GRID_RANGES = {"epochs": (1, 1000, True), "lr": (0, 1, False), "q": (0, 1, False),
+                "history_fraction": (0, 1, False), "adv_fraction": (0, 1, True)}
+
+
+def _dare_grid() -> GridConfig:
+    # Two schedules (5 and 10 epochs: one 10-epoch run, snapshot at 5) at the two learning rates
+    # of the lenet/digits pilot, the paper's q, and the latest half or all of the history.
+    return GridConfig(epochs=[5, 10], lr=[1e-3, 3e-3], q=[0.95], history_fraction=[0.5, 1.0])
+
+
+def _adversarial_grid() -> GridConfig:
+    return GridConfig(epochs=[3, 5], lr=[3e-4, 1e-3], adv_fraction=[0.5])
+
+
+ON_BUDGET_MISS = ("fail", "best_within", "original")
+
+
+class SelectionConfig(_Strict):
+    """How methods are trained and chosen: per-family grids, judged on a held-out part of the
+    validation split that no method trains or mines on (never on the test points)."""
+
+    dare: GridConfig = Field(default_factory=_dare_grid,
+                             description="the DARE family's grid (dare, dare_adv, the ablations, "
+                                         "finetune_mined)")
+    adversarial: GridConfig = Field(default_factory=_adversarial_grid,
+                                    description="the adversarial-training baselines' grid")
+    overrides: dict[str, GridConfig] = Field(
+        default_factory=dict, description="per-method replacements of single grid lists, e.g. "
+                                          '{"at_pgd_online": {"epochs": [3]}}')
+    methods: list[str] | None = Field(None, description="the methods compare runs (null: all)")
+    holdout_fraction: float = Field(
+        0.3, gt=0, lt=1, description="share of the validation split held out for selection "
+                                     "(DARE mines the rest when the job selects)")
+    n_val: int = Field(500, ge=10, le=100000, description="selection points (at most the holdout)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v):
+        if v is None:
+            return v
+        unknown = [m for m in v if m not in COMPARE_METHODS]
+        if unknown or not v:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_keys(cls, v):
+        unknown = [m for m in v if m not in COMPARE_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
+        return v
 
 
 # What the evaluation can run: the five attacks (each also an adversarial-training baseline) and
@@ -100,6 +196,14 @@ class HardenConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    on_budget_miss: Literal["fail", "best_within", "original"] = Field(
+        "best_within", description="auto, when no method keeps the clean budget on the selection "
+        "split: fail the job (no_method_within_budget), ship the method that comes closest to it "
+        "(the smallest validation clean drop), or ship the original model unchanged")
+    budget_minutes: float | None = Field(
+        None, gt=0, le=100000, description="bound on the whole compare stage: methods run "
+        "cheapest-first by an estimate from one timed batch; those that do not fit are skipped")
     # Service-level fields (the engine ignores them): where service.jobs.webhooks POSTs this job's
     # events. Only the shape is checked here; the API refuses private addresses at submission.
     webhook_url: str | None = Field(None, max_length=2048,

@@ -92,25 +92,33 @@ def rule_for(methods: dict) -> str:
     return RULE if _has_adaptive(methods) or not methods else RULE_NO_ADAPTIVE
 
 
-def build_comparison(comparison: dict, clean_drop_limit: float) -> dict:
+def build_comparison(comparison: dict, clean_drop_limit: float, selection: dict | None = None) -> dict:
     """``comparison`` is an ``evaluate`` result over the compared methods, or already
-    ``{"methods": {...}}``; returns ``{"methods", "recommended", "rule"}``."""
+    ``{"methods": {...}}``; returns ``{"methods", "recommended", "rule"}``.
+
+    With ``selection`` (the compare stage's choice on the validation split), the recommendation
+    and its rule are the selection's and the selection table is kept beside the test figures
+    under ``"selection"``; without it, the recommendation is recomputed from the figures given."""
     if "methods" in comparison:
         methods = {k: {f: v[f] for f in METHOD_KEYS} for k, v in comparison["methods"].items()}
     else:
         names = [k for k in comparison["clean"] if k != "original"]
         methods = {k: method_summary(comparison, k, clean_drop_limit) for k in names}
+    if selection is not None:
+        return {"methods": methods, "recommended": selection.get("recommended"),
+                "rule": selection.get("rule"), "selection": selection}
     return {"methods": methods, "recommended": recommend(methods, clean_drop_limit),
             "rule": rule_for(methods)}
 
 
 def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: dict, chosen: str,
                  clean_drop_limit: float, slicing: dict, mining: dict,
-                 comparison: dict | None) -> dict:
+                 comparison: dict | None, selection: dict | None = None) -> dict:
     """The ``report.json`` object (schema 1) for the hardened model ``chosen``.
 
     evaluation: an ``evaluation.evaluate`` result that includes ``chosen`` among its hardened
-    models. comparison: None, or what ``build_comparison`` accepts. slicing ``{"q",
+    models. comparison: None, or what ``build_comparison`` accepts; selection: the compare
+    stage's choice on the validation split (``build_comparison``). slicing ``{"q",
     "key_synapse_fraction"}`` and mining ``{"candidates", "mined"}`` are copied as given.
     """
     clean = evaluation["clean"]
@@ -159,7 +167,8 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
                           for c in evaluation["sanity_checks"]],
         "slicing": dict(slicing),
         "mining": dict(mining),
-        "comparison": None if comparison is None else build_comparison(comparison, clean_drop_limit),
+        "comparison": (None if comparison is None
+                       else build_comparison(comparison, clean_drop_limit, selection)),
         "protocol": evaluation["protocol"],
         "method": chosen,
         "pgd_curve": evaluation.get("pgd_curve"),

@@ -616,6 +616,65 @@ def comparison_section(comp: dict, method: str = "", n: int | None = None) -> st
     return (note + f'<table class="comparison"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def _settings(d: dict) -> str:
+    return ", ".join(f"{_e(k)} {_e(_plain(v))}" for k, v in d.items()) or "&ndash;"
+
+
+def selection_section(sel: dict) -> str:
+    """How the method was chosen: each method's chosen grid point with its validation figures,
+    the sample counts side by side, and the methods the time budget skipped."""
+    rows_in = {str(k): _dict(v) for k, v in _dict(sel.get("methods")).items()}
+    outcome = _dict(sel.get("outcome"))
+    chosen = sel.get("chosen")
+    has_aa = any(r.get("val_autoattack") is not None for r in rows_in.values())
+    head = ("<tr><th>method</th><th>chosen settings</th><th>tuning samples</th>"
+            "<th>val clean</th><th>val PGD</th>" + ("<th>val AutoAttack</th>" if has_aa else "")
+            + "<th>clean budget</th><th>seconds</th></tr>")
+    orig = _dict(sel.get("original"))
+    rows = [f'<tr><td class="m">original</td><td>&ndash;</td><td>&ndash;</td>'
+            f"<td>{_pct(orig.get('val_clean'))}</td><td>{_pct(orig.get('val_pgd'))}</td>"
+            + (f"<td>{_pct(orig.get('val_autoattack'))}</td>" if has_aa else "")
+            + "<td></td><td></td></tr>"]
+    for m, r in rows_in.items():
+        tags = ' <span class="star">&#9733; chosen</span>' if m == chosen else ""
+        tags += ' <span class="this">control</span>' if r.get("control") else ""
+        per_class = r.get("mined_per_class")
+        samples = "n/a" if r.get("n_samples") is None else _e(r["n_samples"])
+        if isinstance(per_class, list):
+            samples += f'<br><small>per class {_e(" ".join(str(c) for c in per_class))}</small>'
+        est = _dict(r.get("estimate_s"))
+        secs = _secs(_num(r.get("seconds")) or 0.0) if r.get("seconds") is not None else "n/a"
+        if est:
+            secs += f' <small>(est. {_secs(sum(_num(v) or 0.0 for v in est.values()))})</small>'
+        rec = ' class="rec"' if m == chosen else ""
+        rows.append(f'<tr{rec}><td class="m">{_e(m)}{tags}</td>'
+                    f"<td>{_settings(_dict(r.get('settings')))}</td><td>{samples}</td>"
+                    f"<td>{_pct(r.get('val_clean'))}</td><td>{_pct(r.get('val_pgd'))}</td>"
+                    + (f"<td><b>{_pct(r.get('val_autoattack'))}</b></td>" if has_aa else "")
+                    + f"<td>{_badge(r.get('within_budget'), 'within', 'over')}</td>"
+                    f"<td>{secs}</td></tr>")
+    skipped = {str(k): _dict(v) for k, v in _dict(sel.get("skipped")).items()}
+    skip = ""
+    if skipped:
+        items = "".join(f"<li><b>{_e(k)}</b>: {_e(v.get('reason', ''))}"
+                        + (f" (estimate {_secs(_num(v['estimate_s']) or 0.0)}, "
+                           f"{_secs(max(_num(v.get('left_s')) or 0.0, 0.0))} left)"
+                           if v.get("estimate_s") is not None else "") + "</li>"
+                        for k, v in skipped.items())
+        budget = sel.get("budget_minutes")
+        skip = (f'<p class="warn">Skipped{f" (time budget {_e(budget)} min)" if budget else ""}:'
+                f'</p><ul class="fails" data-list="skipped">{items}</ul>')
+    miss = outcome.get("budget_miss") is True
+    warn = ' class="warn"' if miss else ""
+    note = (f'<p{warn}>{_e(outcome.get("note", ""))}</p>'
+            f'<p class="help">Chosen on {_e(sel.get("n", "n/a"))} validation points that no method '
+            f'trained or mined on; the test points below only report. Rule: '
+            f'{_e(sel.get("rule", "n/a"))}. Attack for the choice: {_e(sel.get("attack", "n/a"))}; '
+            f'on_budget_miss: {_e(sel.get("on_budget_miss", "n/a"))}.</p>')
+    return (note + f'<table class="comparison" data-table="selection"><thead>{head}</thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>' + skip)
+
+
 def _pooled_n(attacks: dict) -> int | None:
     ns = [a.get("n") for a in map(_dict, attacks.values()) if isinstance(a.get("n"), int)
           and _num(a.get("adaptive_accuracy")) is not None]
@@ -771,8 +830,13 @@ def render_html(report: dict) -> str:
     parts.append(f'<div class="row"><div class="col">{"".join(left)}</div>'
                  f'<div class="col">{right}</div></div>')
 
+    if comp is not None and isinstance(comp.get("selection"), dict):
+        parts.append('<section class="card" id="selection"><h2>Method selection (validation)</h2>'
+                     + selection_section(comp["selection"]) + "</section>")
     if comp is not None:
-        parts.append('<section class="card" id="comparison"><h2>Method comparison</h2>'
+        title = ("Final figures (test)" if isinstance(comp.get("selection"), dict)
+                 else "Method comparison")
+        parts.append(f'<section class="card" id="comparison"><h2>{title}</h2>'
                      + comparison_section(comp, method, _pooled_n(attacks)) + "</section>")
 
     parts.append('<section class="card" id="sanity"><h2>Sanity checks</h2>'

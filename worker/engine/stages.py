@@ -26,6 +26,8 @@ import torch
 
 from .config import STAGES, HardenConfig, stage_names  # noqa: F401 (re-exported)
 from .errors import InputError
+from .methods import controls as _registry_controls
+
 
 @dataclass
 class StageContext:
@@ -118,10 +120,6 @@ def _load_into(gm, path: Path):
     return m
 
 
-def _dataset_key(splits) -> str | None:
-    return splits.name if splits.name != "upload" else None
-
-
 # ---------------------------------------------------------------------------------------------
 # The stages. Each returns a small JSON summary; ``run_stage`` records it in state/<name>.done.json.
 
@@ -161,147 +159,263 @@ def _slice(ctx: "StageContext") -> dict:
             "frozen_share": res.stats["frozen_share"]}
 
 
-def _mine(ctx: "StageContext", mode: str = "best"):
+def _mine(ctx: "StageContext", mode: str = "best", fraction: float | None = None):
+    """Algorithm 1 on the mining pool (validation, less the selection points when the job
+    selects); in a selecting job the set is capped at the baselines' sample count."""
     from .mining import mine_oracles
+    from .selection import cap_mined, mining_pool, selects, tuning_target
     from .slicing import SliceResult
 
     model, history, splits = load_inputs(ctx)
     info = _analysis(ctx)
+    cfg = ctx.config
     sliced = SliceResult.from_state(_load_pt(ctx.path("state", "slice.pt")))
-    return mine_oracles(model.gm, sliced.cut_node, info.output_node, history, splits.x_val,
-                        splits.y_val, fraction=ctx.config.history_fraction, mode=mode,
-                        seed=ctx.config.seed, device=ctx.device, progress=ctx.progress,
-                        cancelled=ctx.cancelled)
+    x, y = mining_pool(splits, cfg)
+    mined = mine_oracles(model.gm, sliced.cut_node, info.output_node, history, x, y,
+                         fraction=cfg.history_fraction if fraction is None else fraction,
+                         mode=mode, seed=cfg.seed, device=ctx.device, progress=ctx.progress,
+                         cancelled=ctx.cancelled)
+    return cap_mined(mined, tuning_target(splits, cfg), cfg.seed) if selects(cfg) else mined
 
 
 def _mine_stage(ctx: "StageContext") -> dict:
+    from .selection import selects, tuning_target
+
     mined = _mine(ctx)
     _save_pt(mined.to_state(), ctx.path("state", "mined.pt"))
-    classes = load_inputs(ctx)[0].num_outputs  # cached: the stage just loaded them
-    return {"candidates": mined.candidates, "mined": len(mined.y), "window": mined.window,
-            # how many samples got a tutor, per class: a class with few has little to tune on
-            "mined_per_class": torch.bincount(mined.y, minlength=classes).tolist(),
-            "tutors": {mined.window[i]: int(n) for i, n in
-                       enumerate(torch.bincount(mined.tutor, minlength=len(mined.window)))}}
+    _, _, splits = load_inputs(ctx)  # cached: the stage just loaded them
+    classes = load_inputs(ctx)[0].num_outputs
+    out = {"candidates": mined.candidates, "mined": len(mined.y), "window": mined.window,
+           # how many samples got a tutor, per class: a class with few has little to tune on
+           "mined_per_class": torch.bincount(mined.y, minlength=classes).tolist(),
+           "tutors": {mined.window[i]: int(n) for i, n in
+                      enumerate(torch.bincount(mined.tutor, minlength=len(mined.window)))}}
+    if selects(ctx.config):
+        # the paper's protocol: as many tuning samples as the adversarial-training baselines get
+        out.update(pool="validation less the selection points",
+                   baseline_samples=tuning_target(splits, ctx.config))
+    return out
+
+
+def _single_point(config, spec) -> dict:
+    """A method's one configuration outside a selection: the job's own settings."""
+    if spec.family == "dare":
+        return {"epochs": config.tune.epochs, "lr": config.tune.lr, "q": config.q,
+                "history_fraction": config.history_fraction}
+    b = config.baselines
+    return {"epochs": b.epochs, "lr": b.lr_grid[0], "adv_fraction": b.adv_fraction_grid[0]}
 
 
 def harden(ctx: "StageContext", method: str, progress=None):
-    """Build the model of one method: DARE, its variant/ablations or a baseline.
+    """Train one method with the job's own settings (``tune``, ``q``, ``history_fraction``;
+    ``baselines``' first grid values), no selection. Returns ``(model, info)``; every method
+    starts from the same original model."""
+    from .methods import REGISTRY, MethodJob, load_plugins
 
-    Returns ``(model, info)``; every method starts from the same original model.
-    """
-    from . import baselines
-    from .mining import MinedSet
-    from .slicing import SliceResult, full_slice
-    from .tuning import tune_dare, tune_full_model
+    load_plugins()
+    spec = REGISTRY.get(method)
+    if spec is None or spec.train is None:
+        raise ValueError(f"unknown method {method!r}")
+    job = MethodJob(ctx)
+    point = {k: v for k, v in _single_point(ctx.config, spec).items()
+             if k in ("epochs", "lr") + spec.params}
+    return spec.train(job, point, lambda e, m: None, progress or ctx.progress)
 
-    from .threat import linf_budget
 
-    model, _, splits = load_inputs(ctx)
+def _selection_setup(ctx: "StageContext"):
+    """``(MethodJob, Judge, the original's selection scores)``."""
+    from .methods import MethodJob
+    from .selection import Judge, selection_points
+
     cfg = ctx.config
-    kw = dict(seed=cfg.seed, device=ctx.device, progress=progress or ctx.progress,
-              cancelled=ctx.cancelled)
-    # One threat model per job: every method trains against the budget the report attacks with.
-    budget = linf_budget(cfg.evaluation.eps, splits.name, splits.x_test)["eps"]
-    gm = model.gm
-    if method in ("dare", "dare_adv", "dare_s", "dare_rand"):
-        sliced = SliceResult.from_state(_load_pt(ctx.path("state", "slice.pt")))
-        mined = MinedSet.from_state(_load_pt(ctx.path("state", "mined.pt")))
-        adv = None
-        if method == "dare_s":
-            from .profiling import Profile
+    job = MethodJob(ctx)
+    job.original.to(ctx.device)
+    x, y = selection_points(job.splits, cfg)
+    judge = Judge(x, y, dataset=job.splits.name, eps=job.eps, device=ctx.device, seed=cfg.seed,
+                  aa_version=cfg.evaluation.autoattack.version,
+                  batch_size=cfg.evaluation.batch_size, cancelled=ctx.cancelled)
+    return job, judge, judge.score(job.original)
 
-            prof = Profile(**_load_pt(ctx.path("state", "profile.pt")))
-            sliced = full_slice(_analysis(ctx), prof, cfg.p)
-        if method == "dare_rand":
-            mined = _mine(ctx, mode="random")
-        if method == "dare_adv":
-            from .attacks import make_attack
 
-            eps = cfg.tune.adv_eps if cfg.tune.adv_eps is not None else budget
+def _selected(ctx: "StageContext", job, judge, original: dict, method: str, models: dict,
+              progress=None):
+    """``method``'s model chosen from its grid, from state/ when an earlier run (the tune stage,
+    a killed compare) left it there."""
+    from .methods import REGISTRY
+    from .selection import select_method
 
-            def adv(m):
-                return make_attack("pgd", m, dataset=_dataset_key(splits), eps=eps, steps=5)
-        return tune_dare(gm, sliced, mined, cfg.tune, adv_attack=adv, **kw)
-    if method == "dare_sl":
-        return tune_full_model(gm, MinedSet.from_state(_load_pt(ctx.path("state", "mined.pt"))),
-                               cfg.tune, **kw)
-    if method == "finetune_mined":
-        mined = MinedSet.from_state(_load_pt(ctx.path("state", "mined.pt")))
-        return baselines.finetune_mined(gm, mined.x, mined.y, cfg.tune, **kw)
-    if method == "at_pgd_online":
-        return baselines.pgd_online_training(gm, splits, cfg.baselines, eps=budget,
-                                             clean_drop_limit=cfg.clean_drop_limit, **kw)
-    if method.startswith("at_"):
-        return baselines.adversarial_training(gm, method[3:], splits, cfg.baselines, eps=budget,
-                                              clean_drop_limit=cfg.clean_drop_limit, **kw)
-    raise ValueError(f"unknown method {method!r}")
+    weights = ctx.path("state", f"method_{method}.safetensors")
+    meta = ctx.path("state", f"method_{method}.json")
+    if weights.exists() and meta.exists():
+        return _load_into(job.original, weights), json.loads(meta.read_text())
+    t0 = time.perf_counter()
+    spec = REGISTRY[method]
+    if spec.train is None:  # weight_noise: from DARE's chosen model, no data and no grid
+        from .controls import weight_noise_like
+
+        model, info = weight_noise_like(job.original, models["dare"], seed=ctx.config.seed, of="dare")
+        info["chosen"] = judge.score(model)
+    else:
+        model, info = select_method(spec, job, judge, original["val_clean"],
+                                    ctx.config.clean_drop_limit,
+                                    progress=progress or ctx.progress)
+    info = {k: v for k, v in info.items() if _jsonable(v)}
+    info.setdefault("seconds", time.perf_counter() - t0)
+    info["recipe"] = spec.recipe
+    _save_state(model, weights)
+    meta.write_text(json.dumps(info))
+    return model, info
 
 
 def _tune(ctx: "StageContext") -> dict:
+    from .config import AT_METHODS
+    from .selection import selects
+
     method = "dare" if ctx.config.method == "auto" else ctx.config.method
-    tuned, info = harden(ctx, method)
+    if selects(ctx.config) or method in AT_METHODS:
+        # chosen from its grid on the selection split, as compare chooses every method
+        job, judge, original = _selection_setup(ctx)
+        tuned, info = _selected(ctx, job, judge, original, method, {})
+    else:
+        tuned, info = harden(ctx, method)
     _save_state(tuned, ctx.path("state", "tuned.safetensors"))
     return {"method": method, **{k: v for k, v in info.items() if _jsonable(v)}}
 
 
-COMPARED = ("dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma", "at_pgd_online",
-            "dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
-# Controls are measured beside the methods but never recommended: they are not hardening.
-CONTROLS = ("finetune_mined", "weight_noise")
-
-
 def _compare(ctx: "StageContext") -> dict:
+    import copy
+
     from .evaluation import evaluate
-    from .report import build_comparison
+    from .methods import REGISTRY, compared
+    from .schedule import Budget, Probe, order, scoring_cost
+    from .selection import RULE, choose, grid_for, grid_size, within
+
+    cfg = ctx.config
+    budget = Budget(cfg.budget_minutes)
+    job, judge, original = _selection_setup(ctx)
+    auto = cfg.method == "auto"
+    tuned_method = "dare" if auto else cfg.method
+    names = compared(cfg)
+    if not auto and tuned_method not in names:
+        names.insert(0, tuned_method)  # the shipped model is always in its report's comparison
+    ev_cfg = cfg.evaluation
+    final_attack = ("autoattack" if "autoattack" in ev_cfg.attacks and ev_cfg.protocol == "fixed_eps"
+                    else "pgd")
+    n_test = min(ev_cfg.n_samples, len(job.splits.y_test))
+
+    def cached(m):
+        return (ctx.path("state", f"method_{m}.safetensors").exists()
+                and ctx.path("state", f"method_{m}.json").exists())
+
+    estimates: dict[str, dict] = {}
+    if budget.limit is not None:
+        probe = Probe(job.original, judge.x, judge.y, dataset=job.splits.name, eps=job.eps,
+                      device=ctx.device, aa_version=ev_cfg.autoattack.version, seed=cfg.seed)
+        for m in names:
+            spec = REGISTRY[m]
+            grid = grid_for(spec, cfg) if spec.train is not None else None
+            train = 0.0 if cached(m) else spec.cost(job, probe, grid)
+            scored = 0 if cached(m) or grid is None else grid_size(grid)[1]
+            during, after = scoring_cost(
+                probe, scored_points=scored, n_val=judge.n,
+                final_attack="pgd" if spec.control else final_attack,
+                eval_attacks=list(ev_cfg.attacks), n_test=n_test, adaptive=ev_cfg.adaptive)
+            estimates[m] = {"train_s": train, "scoring_s": during, "after_s": after}
+        # the original's own evaluation (its attacks and sanity checks) is paid whatever runs
+        budget.reserve(sum(probe.attack(a, n_test) for a in ev_cfg.attacks)
+                       + scoring_cost(probe, scored_points=0, n_val=judge.n, final_attack=final_attack,
+                                      eval_attacks=[], n_test=n_test, adaptive=False)[1])
+        names = order(names, {m: sum(e.values()) for m, e in estimates.items()},
+                      {m: REGISTRY[m].needs for m in names})
+
+    models, infos, skipped = {}, {}, {}
+    for i, m in enumerate(names):
+        spec = REGISTRY[m]
+        missing = [d for d in spec.needs if d not in models]
+        if missing:
+            skipped[m] = {"reason": f"needs {', '.join(missing)}, which did not run"}
+            continue
+        est = estimates.get(m)
+        if est is not None and not budget.fits(est["train_s"] + est["scoring_s"], est["after_s"]):
+            left = budget.limit - budget.elapsed() - budget.reserved
+            skipped[m] = {"reason": "does not fit in budget_minutes",
+                          "estimate_s": round(sum(est.values()), 3), "left_s": round(left, 3)}
+            continue
+        models[m], infos[m] = _selected(ctx, job, judge, original, m, models,
+                                        progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / len(names)))
+        if est is not None:
+            budget.reserve(est["after_s"])
+            infos[m]["estimate_s"] = est
+
+    # the choice across methods, on the selection points (the test points are not read here)
+    rows = {}
+    for m, info in infos.items():
+        ch = info["chosen"]
+        row = {"val_clean": ch["val_clean"], "val_pgd": ch["val_robust"],
+               "settings": {k: ch[k] for k in ch if k not in ("val_clean", "val_robust",
+                                                              "within_budget", "note")},
+               "n_samples": info.get("n_samples"), "control": REGISTRY[m].control,
+               "seconds": info.get("seconds")}
+        per_class = (info.get("training") or {}).get("mined_per_class")
+        if per_class is not None:
+            row["mined_per_class"] = per_class
+        if "estimate_s" in info:
+            row["estimate_s"] = info["estimate_s"]
+        if final_attack == "autoattack" and not REGISTRY[m].control:
+            if "val_autoattack" not in info:  # kept beside the method: a re-run pays it once
+                info["val_autoattack"] = judge.autoattack(models[m])
+                ctx.path("state", f"method_{m}.json").write_text(json.dumps(info))
+            row["val_autoattack"] = info["val_autoattack"]
+        row["val_robust"] = row.get("val_autoattack", row["val_pgd"])
+        row["within_budget"] = within(original["val_clean"], row["val_clean"], cfg.clean_drop_limit)
+        rows[m] = row
+    orig_row = {"val_clean": original["val_clean"], "val_pgd": original["val_robust"]}
+    if final_attack == "autoattack":
+        orig_row["val_autoattack"] = judge.autoattack(job.original)
+    orig_row["val_robust"] = orig_row.get("val_autoattack", orig_row["val_pgd"])
+    candidates = {m: r for m, r in rows.items() if not r["control"]}
+    outcome = choose(candidates, original["val_clean"], cfg.clean_drop_limit,
+                     cfg.on_budget_miss if auto else "best_within")
+    recommended = outcome["chosen"] if not outcome["budget_miss"] else None
+    if auto:
+        if outcome["chosen"] is None:
+            from .errors import InputError
+
+            raise InputError("no_method_ran", "auto had no method to choose from: "
+                             + "; ".join(f"{k}: {v['reason']}" for k, v in skipped.items()),
+                             "raise budget_minutes or list cheaper methods in selection.methods")
+        chosen = outcome["chosen"]
+    else:
+        chosen = tuned_method
+    if chosen == "unchanged":
+        models["unchanged"] = copy.deepcopy(job.original)
+        _save_state(models["unchanged"], ctx.path("state", "method_unchanged.safetensors"))
 
     model, _, splits = load_inputs(ctx)
-    tuned_method = "dare" if ctx.config.method == "auto" else ctx.config.method
-    models, infos = {}, {}
-    n = len(COMPARED)
-    for i, method in enumerate(COMPARED):
-        # Each method's model is saved as soon as it exists, so a compare stage that is killed
-        # and re-run (or re-run under another protocol by the benchmark) resumes, not restarts.
-        weights = ctx.path("state", f"method_{method}.safetensors")
-        meta = ctx.path("state", f"method_{method}.json")
-        if weights.exists() and meta.exists():
-            models[method] = _load_into(model.gm, weights)
-            infos[method] = json.loads(meta.read_text())
-            continue
-        t0 = time.perf_counter()
-        if method == tuned_method:
-            models[method] = _load_into(model.gm, ctx.path("state", "tuned.safetensors"))
-            info = {"reused": "tune stage", **stage_done(ctx.workdir, "tune")["summary"]}
-        elif method == "weight_noise":
-            from .controls import weight_noise_like
-
-            models[method], info = weight_noise_like(model.gm, models["dare"],
-                                                     seed=ctx.config.seed, of="dare")
-        else:
-            models[method], info = harden(ctx, method,
-                                          progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
-        info = {k: v for k, v in info.items() if _jsonable(v)}
-        info.setdefault("seconds", time.perf_counter() - t0)
-        infos[method] = info
-        _save_state(models[method], weights)
-        meta.write_text(json.dumps(info))
     cache = ctx.path("state", "sanity.json")  # left by a compare of the same models (bench)
-    ev = evaluate(model.gm, models, splits, ctx.config.evaluation, seed=ctx.config.seed,
+    ev = evaluate(model.gm, models, splits, ev_cfg, seed=cfg.seed,
                   device=ctx.device, progress=lambda f: ctx.progress(0.5 + 0.5 * f),
                   cancelled=ctx.cancelled,
                   reuse_sanity=json.loads(cache.read_text()) if cache.exists() else None)
     cache.write_text(json.dumps(ev.pop("sanity")))
-    comp = build_comparison(ev, ctx.config.clean_drop_limit)
-    if comp["recommended"] in CONTROLS:
-        from .report import recommend
-
-        comp["recommended"] = recommend({k: v for k, v in comp["methods"].items()
-                                         if k not in CONTROLS}, ctx.config.clean_drop_limit)
-    recommended = comp["recommended"] or tuned_method
-    chosen = recommended if ctx.config.method == "auto" else tuned_method
-    (ctx.path("state", "evaluation.json")).write_text(json.dumps(ev))
+    selection = {
+        "split": "validation points held out from training and mining (never the test points)",
+        "n": judge.n, "holdout_fraction": cfg.selection.holdout_fraction,
+        "attack": final_attack, "pgd_params": judge.pgd_params(job.original),
+        "rule": RULE.format(attack="AutoAttack" if final_attack == "autoattack" else "PGD"),
+        "clean_drop_limit": cfg.clean_drop_limit, "on_budget_miss": cfg.on_budget_miss,
+        "original": orig_row, "methods": rows, "outcome": outcome,
+        "recommended": recommended, "chosen": chosen, "skipped": skipped,
+        "budget_minutes": cfg.budget_minutes, "elapsed_s": budget.elapsed(),
+        "order": names if budget.limit is not None else None}
+    ctx.path("state", "evaluation.json").write_text(json.dumps(ev))
+    ctx.path("state", "selection.json").write_text(json.dumps(selection))
     return {"recommended": recommended, "chosen": chosen, "methods": list(models),
-            "infos": infos}
+            "infos": infos, "skipped": skipped, "selection": selection}
+
+
+# Controls are measured beside the methods but never recommended: they are not hardening.
+CONTROLS = _registry_controls()
 
 
 def _chosen(ctx: "StageContext") -> tuple[str, Path]:
@@ -355,8 +469,10 @@ def _evaluate(ctx: "StageContext") -> dict:
                  "nonzero_synapse_fraction": sl["nonzero_synapse_fraction"],
                  "layers_in_mt": sl["layers_in_mt"], "frozen_share": sl.get("frozen_share")},
         mining={"candidates": mi["candidates"], "mined": mi["mined"], "window": mi["window"],
-                "mined_per_class": mi.get("mined_per_class")},
-        comparison=comparison)
+                "mined_per_class": mi.get("mined_per_class"),
+                **{k: mi[k] for k in ("pool", "baseline_samples") if k in mi}},
+        comparison=comparison,
+        selection=done["compare"]["summary"].get("selection") if "compare" in done else None)
     write_report(report, ctx.path("artifacts"))
     ca = report["clean_accuracy"]
     return {"method": method, "clean_accuracy": ca,

@@ -44,12 +44,15 @@ def _freeze_all(model: torch.nn.Module) -> None:
 def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: TuneConfig, *,
               adv_attack: Callable[[torch.nn.Module], Callable] | None = None, seed: int = 0,
               device: str = "cpu", progress: Callable[[float], None] = lambda f: None,
-              cancelled: Callable[[], bool] = lambda: False) -> tuple[fx.GraphModule, dict]:
+              cancelled: Callable[[], bool] = lambda: False,
+              on_epoch: Callable[[int, torch.nn.Module], None] = lambda e, m: None
+              ) -> tuple[fx.GraphModule, dict]:
     """Tune M_T on the mined set with the key-neuron loss, updating only each class's key synapses.
 
     ``adv_attack(model)`` (DARE-adv) returns an attack ``(x, y) -> x_adv`` against the current
     full model; its examples are regressed to the clean sample's tutor target as well.
-    Returns the synchronised full model (a tuned copy of ``gm``) and a summary.
+    ``on_epoch(k, model)`` sees the synchronised model after epoch k (the selection scores its
+    snapshots there). Returns the synchronised full model (a tuned copy of ``gm``) and a summary.
     """
     t0 = time.perf_counter()
     work = copy.deepcopy(gm).to(device)
@@ -94,6 +97,7 @@ def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: Tun
             count += len(b)
             steps += 1
         losses.append(total / max(count, 1))
+        on_epoch(epoch + 1, work)
         progress((epoch + 1) / cfg.epochs)
     for p in work.parameters():
         p.requires_grad_(True)
@@ -103,7 +107,9 @@ def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: Tun
 
 def tune_full_model(gm: fx.GraphModule, mined: MinedSet, cfg: TuneConfig, *, seed: int = 0,
                     device: str = "cpu", progress: Callable[[float], None] = lambda f: None,
-                    cancelled: Callable[[], bool] = lambda: False) -> tuple[fx.GraphModule, dict]:
+                    cancelled: Callable[[], bool] = lambda: False,
+                    on_epoch: Callable[[int, torch.nn.Module], None] = lambda e, m: None
+                    ) -> tuple[fx.GraphModule, dict]:
     """DARE-sl (paper 4.2): no transformation and no slicing: M itself, every weight, tuned on the
     same mined data with M's own kind of loss (cross-entropy), here against the tutor's
     predicted distribution, which is what the mined data carries at M's output layer."""
@@ -125,6 +131,7 @@ def tune_full_model(gm: fx.GraphModule, mined: MinedSet, cfg: TuneConfig, *, see
             opt.step()
             total += loss.item() * len(b)
         losses.append(total / len(x))
+        on_epoch(epoch + 1, work)
         progress((epoch + 1) / cfg.epochs)
     return work, {"epochs": cfg.epochs, "loss_first": losses[0] if losses else None,
                   "loss_last": losses[-1] if losses else None, "seconds": time.perf_counter() - t0}
