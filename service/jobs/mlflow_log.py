@@ -85,6 +85,9 @@ def log_job(settings: Settings, factory: sessionmaker[Session], job_id: uuid.UUI
                 return
             tenant = s.scalar(select(Tenant.name).where(Tenant.id == job.tenant_id))
             durations = dict((job.result or {}).get("stage_durations_s") or {})
+            # the run spans the job, not the seconds it takes to log it
+            span = tuple(int(t.timestamp() * 1000) if t else None
+                         for t in (job.started_at, job.finished_at))
     except Exception:  # the job row itself: nothing to record the outcome on
         log.exception("job %s: MLflow logging skipped", job_id)
         return
@@ -95,7 +98,7 @@ def log_job(settings: Settings, factory: sessionmaker[Session], job_id: uuid.UUI
     for attempt in range(1, settings.mlflow_attempts + 1):
         try:
             run_id = _log_run(settings, job_id, tenant, config, durations, artifacts_dir,
-                              experiment, run_name)
+                              experiment, run_name, span)
         except Exception as e:  # noqa: BLE001 (any failure of a third-party server is retried)
             error = e
             log.warning("job %s: MLflow attempt %d/%d failed: %s", job_id, attempt,
@@ -135,7 +138,8 @@ class MlflowMissing(RuntimeError):
 
 
 def _log_run(settings: Settings, job_id: uuid.UUID, tenant: str | None, config: dict,
-             durations: dict, artifacts_dir: Path, experiment: str, run_name: str) -> str:
+             durations: dict, artifacts_dir: Path, experiment: str, run_name: str,
+             span: tuple[int | None, int | None] = (None, None)) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     client = _client(settings)
@@ -146,7 +150,7 @@ def _log_run(settings: Settings, job_id: uuid.UUID, tenant: str | None, config: 
     tags = {"dare.job_id": str(job_id), "dare.tenant": tenant or "",
             "dare.method": str(config.get("method", "dare")),
             "dare.dataset": str(config.get("dataset") or "upload")}
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run = client.create_run(exp_id, start_time=span[0], run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -159,7 +163,7 @@ def _log_run(settings: Settings, job_id: uuid.UUID, tenant: str | None, config: 
         for name in ARTIFACTS:
             if (artifacts_dir / name).is_file():
                 client.log_artifact(run_id, str(artifacts_dir / name))
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=span[1])
     except Exception:
         # A half-logged run would look like a result on the dashboard: remove it before retrying.
         try:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -93,6 +94,10 @@ def test_a_succeeded_job_is_a_run_with_its_config_figures_and_artifacts(client, 
     assert len(runs) == 1 and runs[0].info.run_id == logged[0].data["run_id"]
     run = runs[0]
     assert run.info.status == "FINISHED"
+    started, finished = (datetime.fromisoformat(job[k].replace("Z", "+00:00")).timestamp()
+                         for k in ("started_at", "finished_at"))
+    assert abs(run.info.start_time / 1000 - started) < 0.01  # the run spans the job
+    assert abs(run.info.end_time / 1000 - finished) < 0.01
     assert run.data.tags["dare.tenant"] == "t1"
     assert run.data.params["seed"] == "11" and run.data.params["tune.epochs"] == "2"
     assert run.data.params["mlflow.experiment"] == "hardening-ci"
