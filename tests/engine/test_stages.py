@@ -115,8 +115,9 @@ def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
 
 def test_every_method_trains_against_the_evaluations_budget(subject, tmp_path, monkeypatch):
     """One threat model per job: evaluation.eps (away from the dataset's 0.1) is the budget the
-    adversarial-training baselines and DARE-adv's PGD train against; tune.adv_eps still wins."""
-    from worker.engine import attacks, baselines
+    adversarial-training baselines, the robust_training methods and DARE-adv's PGD train
+    against; tune.adv_eps still wins."""
+    from worker.engine import attacks, baselines, robust_training
     from worker.engine.stages import harden
 
     seen = {}
@@ -129,12 +130,16 @@ def test_every_method_trains_against_the_evaluations_budget(subject, tmp_path, m
 
     monkeypatch.setattr(baselines, "adversarial_training", spy("at"))
     monkeypatch.setattr(baselines, "pgd_online_training", spy("online"))
+    for name in ("trades", "nfgsm", "awp", "dare_trades"):
+        monkeypatch.setattr(robust_training, name, spy(name))
     wd = _job(tmp_path, subject)
     ctx = StageContext(wd, parse_config({**SMALL, "dataset": "digits",
                                          "evaluation": {"eps": 0.05}}))
     harden(ctx, "at_pgd")
     harden(ctx, "at_pgd_online")
-    assert seen == {"at": 0.05, "online": 0.05}
+    for name in ("trades", "nfgsm", "awp"):
+        harden(ctx, name)
+    assert seen == {"at": 0.05, "online": 0.05, "trades": 0.05, "nfgsm": 0.05, "awp": 0.05}
 
     made = []
     real = attacks.make_attack
@@ -142,6 +147,8 @@ def test_every_method_trains_against_the_evaluations_budget(subject, tmp_path, m
                         lambda name, m, **kw: made.append(kw["eps"]) or real(name, m, **kw))
     for name in ("validate", "slice", "mine"):
         run_stage(name, ctx)
+    harden(ctx, "dare_trades")
+    assert seen["dare_trades"] == 0.05
     harden(ctx, "dare_adv")
     assert made and set(made) == {0.05}
     made.clear()

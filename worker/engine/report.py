@@ -100,8 +100,11 @@ def build_comparison(comparison: dict, clean_drop_limit: float) -> dict:
     else:
         names = [k for k in comparison["clean"] if k != "original"]
         methods = {k: method_summary(comparison, k, clean_drop_limit) for k in names}
-    return {"methods": methods, "recommended": recommend(methods, clean_drop_limit),
-            "rule": rule_for(methods)}
+    out = {"methods": methods, "recommended": recommend(methods, clean_drop_limit),
+           "rule": rule_for(methods)}
+    if comparison.get("skipped"):  # methods that cannot run on this model, with the reason
+        out["skipped"] = dict(comparison["skipped"])
+    return out
 
 
 def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: dict, chosen: str,

@@ -204,7 +204,12 @@ def harden(ctx: "StageContext", method: str, progress=None):
     # One threat model per job: every method trains against the budget the report attacks with.
     budget = linf_budget(cfg.evaluation.eps, splits.name, splits.x_test)["eps"]
     gm = model.gm
-    if method in ("dare", "dare_adv", "dare_s", "dare_rand"):
+    if method in ("trades", "nfgsm", "awp"):
+        from . import robust_training
+
+        return getattr(robust_training, method)(gm, splits, cfg.baselines, cfg.robust, eps=budget,
+                                                clean_drop_limit=cfg.clean_drop_limit, **kw)
+    if method in ("dare", "dare_adv", "dare_s", "dare_rand", "dare_trades"):
         sliced = SliceResult.from_state(_load_pt(ctx.path("state", "slice.pt")))
         mined = MinedSet.from_state(_load_pt(ctx.path("state", "mined.pt")))
         adv = None
@@ -222,6 +227,16 @@ def harden(ctx: "StageContext", method: str, progress=None):
 
             def adv(m):
                 return make_attack("pgd", m, dataset=_dataset_key(splits), eps=eps, steps=5)
+        if method == "dare_trades":
+            from . import robust_training
+
+            report = kw["progress"]
+            dared, dare_info = tune_dare(gm, sliced, mined, cfg.tune,
+                                         **{**kw, "progress": lambda f: report(0.1 * f)})
+            return robust_training.dare_trades(
+                gm, dared, dare_info, splits, cfg.baselines, cfg.robust, eps=budget,
+                clean_drop_limit=cfg.clean_drop_limit,
+                **{**kw, "progress": lambda f: report(0.1 + 0.9 * f)})
         return tune_dare(gm, sliced, mined, cfg.tune, adv_attack=adv, **kw)
     if method == "dare_sl":
         return tune_full_model(gm, MinedSet.from_state(_load_pt(ctx.path("state", "mined.pt"))),
@@ -246,6 +261,7 @@ def _tune(ctx: "StageContext") -> dict:
 
 
 COMPARED = ("dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma", "at_pgd_online",
+            "trades", "nfgsm", "awp", "dare_trades",
             "dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
 # Controls are measured beside the methods but never recommended: they are not hardening.
 CONTROLS = ("finetune_mined", "weight_noise")
@@ -257,7 +273,7 @@ def _compare(ctx: "StageContext") -> dict:
 
     model, _, splits = load_inputs(ctx)
     tuned_method = "dare" if ctx.config.method == "auto" else ctx.config.method
-    models, infos = {}, {}
+    models, infos, skipped = {}, {}, {}
     n = len(COMPARED)
     for i, method in enumerate(COMPARED):
         # Each method's model is saved as soon as it exists, so a compare stage that is killed
@@ -278,8 +294,14 @@ def _compare(ctx: "StageContext") -> dict:
             models[method], info = weight_noise_like(model.gm, models["dare"],
                                                      seed=ctx.config.seed, of="dare")
         else:
-            models[method], info = harden(ctx, method,
-                                          progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
+            from .robust_training import MethodUnavailable
+
+            try:
+                models[method], info = harden(ctx, method,
+                                              progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / n))
+            except MethodUnavailable as e:  # e.g. AWP on a graph without weight parameters
+                skipped[method] = e.reason
+                continue
         info = {k: v for k, v in info.items() if _jsonable(v)}
         info.setdefault("seconds", time.perf_counter() - t0)
         infos[method] = info
@@ -291,6 +313,8 @@ def _compare(ctx: "StageContext") -> dict:
                   cancelled=ctx.cancelled,
                   reuse_sanity=json.loads(cache.read_text()) if cache.exists() else None)
     cache.write_text(json.dumps(ev.pop("sanity")))
+    if skipped:
+        ev["skipped"] = skipped
     comp = build_comparison(ev, ctx.config.clean_drop_limit)
     if comp["recommended"] in CONTROLS:
         from .report import recommend
@@ -301,7 +325,7 @@ def _compare(ctx: "StageContext") -> dict:
     chosen = recommended if ctx.config.method == "auto" else tuned_method
     (ctx.path("state", "evaluation.json")).write_text(json.dumps(ev))
     return {"recommended": recommended, "chosen": chosen, "methods": list(models),
-            "infos": infos}
+            "infos": infos, "skipped": skipped}
 
 
 def _chosen(ctx: "StageContext") -> tuple[str, Path]:
