@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,14 @@ from torch import Tensor, nn
 
 from . import baselines
 from .errors import InputError
-from .evaluation import _Meter, accuracy, attack_kwargs, run_batched, select_samples, set_eval
+from .evaluation import (
+    _Meter,
+    accuracy,
+    attack_kwargs,
+    run_batched,
+    select_samples,
+    set_eval,
+)
 
 Progress = Callable[[float], None]
 BatchLoss = Callable[[nn.Module, Tensor, Tensor, tuple[int, int]], Tensor]
@@ -216,7 +223,7 @@ def nfgsm_batch_loss(sched: _Schedule, noise: float, step: float) -> BatchLoss:
     return loss
 
 
-def _pgd_example(model, xb, yb, eps: float, steps: int, sched: "_Schedule", at, dataset):
+def _pgd_example(model, xb, yb, eps: float, steps: int, sched: _Schedule, at, dataset):
     """Madry PGD-AT's example: the attack factory's PGD (random start, step eps / 4) against the
     current weights, its random start seeded from the batch's position."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=_batch_gen(sched.seed, *at, "cpu")))
