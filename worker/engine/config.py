@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 EMBEDDED = ("digits", "mnist5k", "fashion")  # datasets shipped in installed (Python or Debian) packages
 ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
 AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
+ROBUST_METHODS = ("trades", "nfgsm", "awp", "dare_trades")  # worker/engine/robust_training.py
 ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
-METHODS = ("dare", "dare_adv") + AT_METHODS + ("auto",)
+METHODS = ("dare", "dare_adv") + AT_METHODS + ROBUST_METHODS + ("auto",)
 # Everything compare can train, in the report's order (methods.REGISTRY holds how).
 COMPARE_METHODS = ("dare", "dare_adv") + AT_METHODS + ABLATIONS
 
@@ -45,6 +46,30 @@ class BaselineConfig(_Strict):
     adv_fraction_grid: list[float] = Field(default_factory=lambda: [0.5])
     batch_size: int = Field(64, ge=1, le=4096)
     max_train: int = Field(2000, ge=10, description="training examples used to make adversarial ones")
+
+
+class RobustConfig(_Strict):
+    """TRADES, N-FGSM, AWP and dare_trades: adversarial fine-tuning of the uploaded model (the
+    recipes and their sources are in worker/engine/robust_training.py). Epochs, learning rates,
+    batch size and max_train are the ``baselines`` ones, so every method trains like for like."""
+
+    eps_ramp_epochs: float = Field(
+        2.0, ge=0, le=100, description="eps grows linearly from 0 to the budget over these first "
+        "epochs (at most half of baselines.epochs, so half the training is at the full budget); "
+        "0: the full budget from the first step")
+    trades_beta_grid: list[float] = Field(
+        default_factory=lambda: [1.0, 6.0], min_length=1,
+        description="TRADES' beta (1/lambda), searched on validation: 1 (the paper's MNIST) and 6 (CIFAR-10)")
+    attack_steps: int = Field(10, ge=1, le=100, description="TRADES and PGD-AT inner steps (size eps/4)")
+    nfgsm_noise: float = Field(2.0, ge=0, le=10, description="N-FGSM noise U(-k eps, k eps): k")
+    nfgsm_step: float = Field(1.0, gt=0, le=10, description="N-FGSM step: this times eps")
+    awp_bases: list[Literal["pgd", "trades"]] = Field(
+        default_factory=lambda: ["pgd", "trades"], min_length=1,
+        description="what AWP perturbs the weights of; each in the grid, the better on validation is kept")
+    awp_gamma: float | None = Field(
+        None, ge=0, le=1, description="AWP's relative weight-perturbation size; null: the AWP paper's "
+        "(0.01 on PGD-AT, 0.005 on TRADES)")
+    awp_trades_beta: float = Field(6.0, ge=0, description="beta of AWP's TRADES base (the AWP paper's)")
 
 
 def _nonempty_sorted(v):
@@ -185,7 +210,7 @@ class HardenConfig(_Strict):
     seed: int = Field(0, ge=0)
     clean_drop_limit: float = Field(0.10, ge=0, le=1)
     method: Literal["dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma",
-                    "at_pgd_online", "auto"] = "dare"
+                    "at_pgd_online", "trades", "nfgsm", "awp", "dare_trades", "auto"] = "dare"
     compare: bool = False
     dataset: str | None = Field(None, description="embedded dataset name instead of an uploaded .npz")
     val_fraction: float | None = Field(
@@ -195,6 +220,7 @@ class HardenConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tune: TuneConfig = Field(default_factory=TuneConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     on_budget_miss: Literal["fail", "best_within", "original"] = Field(
