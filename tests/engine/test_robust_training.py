@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from tests.engine.test_evaluation import digits_and_model
 from worker.engine import robust_training as rt
 from worker.engine.baselines import _fit
-from worker.engine.config import BaselineConfig, RobustConfig, parse_config
+from worker.engine.config import RobustConfig, parse_config
 
 EPS = 0.1
 
@@ -189,18 +190,64 @@ class _BufferNet(nn.Module):
 
 
 def test_awp_refuses_a_model_without_weight_parameters(trained):
-    splits, _ = trained
+    """Both ways in: fine_tune raises, and the registry entry says why before anything trains
+    (compare lists it under skipped; a job that ships awp fails with method_unavailable)."""
+    from types import SimpleNamespace
+
+    from worker.engine.methods import REGISTRY
+
+    splits, m = trained
+    x, y = _batch(splits, 32)
     with pytest.raises(rt.MethodUnavailable) as e:
-        rt.awp(_BufferNet(), splits, BaselineConfig(epochs=1, max_train=10), RobustConfig())
+        rt.fine_tune(_BufferNet(), x, y, "awp", {"epochs": 1, "lr": 1e-3, "awp_base": "pgd"},
+                     RobustConfig(), eps=EPS, ramp_epochs=0.0, batch_size=32)
     assert e.value.code == "method_unavailable" and "no weight" in e.value.reason
+    assert "no weight" in REGISTRY["awp"].unavailable(SimpleNamespace(original=_BufferNet()))
+    assert REGISTRY["awp"].unavailable(SimpleNamespace(original=m)) is None
+    assert REGISTRY["trades"].unavailable(SimpleNamespace(original=_BufferNet())) is None
 
 
 def test_the_comparison_lists_skipped_methods_with_their_reason():
     from worker.engine.report import build_comparison
 
-    comp = build_comparison({"methods": {}, "skipped": {"awp": "no weight to perturb"}}, 0.1)
-    assert comp["skipped"] == {"awp": "no weight to perturb"}
-    assert "skipped" not in build_comparison({"methods": {}}, 0.1)
+    skipped = {"awp": {"reason": "method_unavailable", "detail": "no weight to perturb"},
+               "at_pgd_online": {"reason": "time_budget", "detail": "does not fit in budget_minutes",
+                                 "estimate_s": 90.0, "left_s": 12.0}}
+    comp = build_comparison({"methods": {}}, 0.1, {"recommended": None, "rule": "r"}, skipped)
+    assert comp["skipped"] == skipped and "skipped" not in comp["selection"]
+    assert build_comparison({"methods": {}}, 0.1)["skipped"] == {}
+
+
+# ------------------------------------------------------------------------------------ the registry
+
+def test_the_methods_are_registry_entries_with_their_grid_in_selection():
+    """TRADES' beta and AWP's base are grid parameters of the adversarial family (not robust's
+    own lists): the family's defaults, overridable per method like any other list."""
+    from worker.engine.methods import REGISTRY, compared, load_plugins
+    from worker.engine.selection import grid_for
+
+    load_plugins()
+    for name, extra in (("trades", ["beta"]), ("nfgsm", []), ("awp", ["awp_base"]),
+                        ("dare_trades", ["beta"])):
+        spec = REGISTRY[name]
+        assert spec.family == "adversarial" and list(spec.params) == extra and not spec.control
+    assert REGISTRY["dare_trades"].needs == ("dare",)
+    cfg = parse_config({"selection": {"overrides": {"trades": {"beta": [6]}}}})
+    assert grid_for(REGISTRY["trades"], cfg) == {"epochs": [3, 5], "lr": [3e-4, 1e-3],
+                                                 "beta": [6.0]}
+    assert grid_for(REGISTRY["dare_trades"], cfg)["beta"] == [1.0, 6.0]
+    assert grid_for(REGISTRY["awp"], cfg)["awp_base"] == ["pgd", "trades"]
+    for gone in ({"robust": {"trades_beta_grid": [6]}}, {"robust": {"awp_bases": ["pgd"]}},
+                 {"selection": {"adversarial": {"awp_base": ["sgd"]}}}):
+        with pytest.raises(ValueError):
+            parse_config(gone)
+    # selectable in compare (bringing DARE along for dare_trades) and as a job's method
+    assert compared(parse_config({"selection": {"methods": ["dare_trades", "nfgsm"]}})) == \
+        ["dare", "dare_trades", "nfgsm"]
+    # a job that ships dare_trades with compare: its model (and DARE's) ahead of the list
+    assert compared(parse_config({"selection": {"methods": ["nfgsm"]}}), first=("dare_trades",)) \
+        == ["dare", "dare_trades", "nfgsm"]
+    assert parse_config({"method": "awp"}).method == "awp"
 
 
 # ------------------------------------------------------------------------------------ the methods
@@ -210,25 +257,31 @@ def test_every_method_fine_tunes_from_the_uploads_weights_and_keeps_the_budget(t
     close to, the uploaded one (fine-tuning, not a fresh start); the input is untouched."""
     splits, m = trained
     before = copy.deepcopy(m.state_dict())
-    cfg = BaselineConfig(epochs=1, lr_grid=[1e-3], max_train=128)
-    rcfg = RobustConfig(trades_beta_grid=[6.0])
-    for name in ("trades", "nfgsm", "awp"):
-        h, info = getattr(rt, name)(m, splits, cfg, rcfg, eps=0.07, seed=0)
-        assert info["method"] == name and info["eps"] == 0.07
-        assert info["eps_ramp_epochs"] == 0.5 and info["chosen"]["steps"] == 2
-        assert "fine-tuned" in info["init"]
+    xs, ys = splits.x_train[:128], splits.y_train[:128]
+    rcfg = RobustConfig()
+    for name, extra in (("trades", {"beta": 6.0}), ("nfgsm", {}), ("awp", {"awp_base": "pgd"}),
+                        ("awp", {"awp_base": "trades"})):
+        seen = []
+        h, info = rt.fine_tune(m, xs, ys, name, {"epochs": 1, "lr": 1e-3, **extra}, rcfg,
+                               eps=0.07, ramp_epochs=0.5, batch_size=64, dataset="digits",
+                               on_epoch=lambda k, mm, seen=seen: seen.append(k))
+        assert info["method"] == name and info["eps"] == 0.07 and seen == [1]
+        assert info["eps_ramp_epochs"] == 0.5 and info["steps"] == 2
+        assert "fine-tuned" in info["init"] and info["source"]
         w0, w1 = before["6.weight"], h.state_dict()["6.weight"]
         assert 0 < (w1 - w0).norm() < 0.2 * w0.norm(), name
+        if name == "awp":
+            assert info["gamma"] == {"pgd": 0.01, "trades": 0.005}[extra["awp_base"]]
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
-    _, info = rt.awp(m, splits, cfg, rcfg, seed=0)
-    assert {r["base"] for r in info["grid"]} == {"pgd", "trades"}
-    assert info["gamma"] == {"pgd": 0.01, "trades": 0.005}
 
 
 # ------------------------------------------------------------------------------------ through the stages
 
-SMALL = {"baselines": {"epochs": 1, "max_train": 150, "lr_grid": [1e-3]},
-         "robust": {"trades_beta_grid": [6.0]}, "tune": {"epochs": 3}}
+SMALL = {"baselines": {"epochs": 1, "max_train": 150, "lr_grid": [1e-3]}, "tune": {"epochs": 3},
+         "evaluation": {"n_samples": 30, "attacks": ["pgd"]},
+         "selection": {"dare": {"epochs": [2], "lr": [3e-3], "history_fraction": [0.5]},
+                       "adversarial": {"epochs": [1, 2], "lr": [1e-3], "beta": [1.0, 6.0]},
+                       "n_val": 60}}
 
 
 @pytest.fixture(scope="module")
@@ -249,35 +302,43 @@ def _ctx(tmp_path, subject, config):
     return StageContext(tmp_path, parse_config({"dataset": "digits", **config}))
 
 
-def test_dare_trades_runs_dare_then_trades_from_dares_weights(lenet, tmp_path):
-    """dare_trades differs from DARE (TRADES ran after it) and from TRADES alone, which sees the
-    same seed, grid and data: the only difference left is DARE's starting weights."""
-    from worker.engine.stages import harden, run_stage
+def test_a_dare_trades_job_chooses_dare_then_trades_on_the_selection_split(lenet, tmp_path):
+    """``method: dare_trades`` alone: the tune stage chooses DARE from its grid first (kept in
+    state/), then TRADES' grid (beta x lr, scored at each epochs value) from DARE's chosen
+    weights, judged against the upload's clean accuracy on validation points DARE did not mine."""
+    from safetensors.torch import load_file
 
-    ctx = _ctx(tmp_path, lenet, SMALL)
+    from worker.engine.stages import run_stage
+
+    ctx = _ctx(tmp_path, lenet, {**SMALL, "method": "dare_trades"})
     for name in ("validate", "slice", "mine"):
-        run_stage(name, ctx)
-    dare, _ = harden(ctx, "dare")
-    alone, alone_info = harden(ctx, "trades")
-    both, info = harden(ctx, "dare_trades")
-    assert info["phases"] == ["dare", "trades"] and info["dare"]["steps"] > 0
-    sd, sa, sb = dare.state_dict(), alone.state_dict(), both.state_dict()
-    assert any(not torch.equal(sb[k], sd[k]) for k in sd)
-    assert any(not torch.equal(sb[k], sa[k]) for k in sa)
-    # the clean budget is the upload's, not DARE's
-    assert info["original_val"] == alone_info["original_val"]
+        summary = run_stage(name, ctx)
+    assert summary["pool"] == "validation less the selection points"
+    tuned = run_stage("tune", ctx)
+    assert tuned["method"] == "dare_trades"
+    assert {(r["beta"], r["epochs"]) for r in tuned["grid"]} == {(1.0, 1), (1.0, 2), (6.0, 1),
+                                                                 (6.0, 2)}
+    assert tuned["training"]["init"].startswith("DARE's chosen model")
+    dare = load_file(str(tmp_path / "state" / "method_dare.safetensors"))
+    out = load_file(str(tmp_path / "state" / "tuned.safetensors"))
+    assert any(not torch.equal(out[k], dare[k]) for k in dare)
+    dare_info = json.loads((tmp_path / "state" / "method_dare.json").read_text())
+    # both judged against the upload on the same selection points
+    assert tuned["n_val"] == dare_info["n_val"] == 60
+    assert tuned["chosen"]["within_budget"] is True
 
 
 def test_trades_and_nfgsm_raise_pgd_robust_accuracy_on_digits(lenet, tmp_path):
-    """End to end through the stage runner on a LeNet trained on digits, the default recipes
-    (eps ramp over 2 epochs, beta grid {1, 6}), 5 epochs at lr 3e-3 on the 1078 training
-    images; PGD-40 at the digits budget 0.1 on 300 test points. Seeded figures: original 0.320;
-    TRADES 0.447, N-FGSM 0.473."""
+    """End to end through the stage runner on a LeNet trained on digits, the job's own settings
+    (``harden``: 5 epochs at lr 3e-3 on the 1078 training images, eps ramp over 2 epochs, TRADES'
+    beta the grid's first, 1); PGD-40 at the digits budget 0.1 on 300 test points. Seeded
+    figures: original 0.320; TRADES 0.447, N-FGSM 0.473."""
     from worker.engine.attacks import make_attack
     from worker.engine.evaluation import accuracy, run_batched
     from worker.engine.stages import harden, load_inputs
 
-    ctx = _ctx(tmp_path, lenet, {"baselines": {"epochs": 5, "lr_grid": [3e-3]}})
+    ctx = _ctx(tmp_path, lenet, {"baselines": {"epochs": 5, "lr_grid": [3e-3]},
+                                 "selection": {"adversarial": {"epochs": [5]}}})
     model, _, splits = load_inputs(ctx)
     x, y = splits.x_test[:300], splits.y_test[:300]
 
@@ -289,7 +350,7 @@ def test_trades_and_nfgsm_raise_pgd_robust_accuracy_on_digits(lenet, tmp_path):
     got = {}
     for name in ("trades", "nfgsm"):
         h, info = harden(ctx, name)
-        assert info["within_budget"] is True
+        assert info["eps_ramp_epochs"] == 2.0 and info["epochs"] == 5
         got[name] = robust(h)
     print("PGD robust accuracy", orig, got)
     assert all(v > orig + 0.1 for v in got.values()), (orig, got)

@@ -16,7 +16,10 @@ ROBUST_METHODS = ("trades", "nfgsm", "awp", "dare_trades")  # worker/engine/robu
 ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
 METHODS = ("dare", "dare_adv") + AT_METHODS + ROBUST_METHODS + ("auto",)
 # Everything compare can train, in the report's order (methods.REGISTRY holds how).
-COMPARE_METHODS = ("dare", "dare_adv") + AT_METHODS + ABLATIONS
+COMPARE_METHODS = ("dare", "dare_adv") + AT_METHODS + ROBUST_METHODS + ABLATIONS
+# Methods without one setting in the job's config: a job that ships one always chooses its
+# grid point on the selection split.
+GRID_ONLY_METHODS = AT_METHODS + ROBUST_METHODS
 
 
 class _Strict(BaseModel):
@@ -49,23 +52,18 @@ class BaselineConfig(_Strict):
 
 
 class RobustConfig(_Strict):
-    """TRADES, N-FGSM, AWP and dare_trades: adversarial fine-tuning of the uploaded model (the
-    recipes and their sources are in worker/engine/robust_training.py). Epochs, learning rates,
-    batch size and max_train are the ``baselines`` ones, so every method trains like for like."""
+    """The recipe constants of TRADES, N-FGSM, AWP and dare_trades (adversarial fine-tuning of the
+    uploaded model; recipes and sources in worker/engine/robust_training.py). What is searched
+    (epochs, lr, TRADES' beta, AWP's base) is their grid in ``selection.adversarial``; batch size
+    and max_train are the ``baselines`` ones, so every adversarial method trains like for like."""
 
     eps_ramp_epochs: float = Field(
         2.0, ge=0, le=100, description="eps grows linearly from 0 to the budget over these first "
-        "epochs (at most half of baselines.epochs, so half the training is at the full budget); "
-        "0: the full budget from the first step")
-    trades_beta_grid: list[float] = Field(
-        default_factory=lambda: [1.0, 6.0], min_length=1,
-        description="TRADES' beta (1/lambda), searched on validation: 1 (the paper's MNIST) and 6 (CIFAR-10)")
+        "epochs (at most half of the grid's smallest epochs value, so every scored snapshot "
+        "trains half its epochs at the full budget); 0: the full budget from the first step")
     attack_steps: int = Field(10, ge=1, le=100, description="TRADES and PGD-AT inner steps (size eps/4)")
     nfgsm_noise: float = Field(2.0, ge=0, le=10, description="N-FGSM noise U(-k eps, k eps): k")
     nfgsm_step: float = Field(1.0, gt=0, le=10, description="N-FGSM step: this times eps")
-    awp_bases: list[Literal["pgd", "trades"]] = Field(
-        default_factory=lambda: ["pgd", "trades"], min_length=1,
-        description="what AWP perturbs the weights of; each in the grid, the better on validation is kept")
     awp_gamma: float | None = Field(
         None, ge=0, le=1, description="AWP's relative weight-perturbation size; null: the AWP paper's "
         "(0.01 on PGD-AT, 0.005 on TRADES)")
@@ -81,9 +79,10 @@ def _nonempty_sorted(v):
 
 
 class GridConfig(_Strict):
-    """The values a method is trained with when it is selected (compare, auto, at_* jobs): every
-    combination is trained and judged on the selection split. A parameter the method does not
-    take is ignored for it; null in ``selection.methods`` keeps the family's list."""
+    """The values a method is trained with when it is selected (compare, auto, and jobs that ship
+    a ``GRID_ONLY_METHODS`` method): every combination is trained and judged on the selection
+    split. A parameter the method does not take is ignored for it; null in ``selection.overrides``
+    keeps the family's list."""
 
     epochs: list[int] | None = Field(None, description="training epochs (one run per lr, snapshots "
                                                        "at each value)")
@@ -93,8 +92,17 @@ class GridConfig(_Strict):
                                                                    "history mined")
     adv_fraction: list[float] | None = Field(None, description="offline adversarial training: "
                                                                "weight of the adversarial loss")
+    beta: list[float] | None = Field(None, description="TRADES (trades, dare_trades): weight of "
+                                                       "the KL term (1/lambda)")
+    awp_base: list[Literal["pgd", "trades"]] | None = Field(
+        None, description="AWP: the method whose loss the weights are perturbed against")
 
-    @field_validator("epochs", "lr", "q", "history_fraction", "adv_fraction")
+    @field_validator("awp_base")
+    @classmethod
+    def _bases(cls, v):
+        return _nonempty_sorted(v)
+
+    @field_validator("epochs", "lr", "q", "history_fraction", "adv_fraction", "beta")
     @classmethod
     def _values(cls, v, info):
         v = _nonempty_sorted(v)
@@ -110,7 +118,8 @@ class GridConfig(_Strict):
 
 # (low, high, low included) per grid parameter
 _GRID_RANGES = {"epochs": (1, 1000, True), "lr": (0, 1, False), "q": (0, 1, False),
-                "history_fraction": (0, 1, False), "adv_fraction": (0, 1, True)}
+                "history_fraction": (0, 1, False), "adv_fraction": (0, 1, True),
+                "beta": (0, 100, True)}
 
 
 def _dare_grid() -> GridConfig:
@@ -120,7 +129,10 @@ def _dare_grid() -> GridConfig:
 
 
 def _adversarial_grid() -> GridConfig:
-    return GridConfig(epochs=[3, 5], lr=[3e-4, 1e-3], adv_fraction=[0.5])
+    # TRADES' beta: the paper's MNIST (1) and CIFAR-10 (6) settings; AWP on both bases, as the
+    # AWP paper reports both.
+    return GridConfig(epochs=[3, 5], lr=[3e-4, 1e-3], adv_fraction=[0.5], beta=[1.0, 6.0],
+                      awp_base=["pgd", "trades"])
 
 
 ON_BUDGET_MISS = ("fail", "best_within", "original")
@@ -134,7 +146,9 @@ class SelectionConfig(_Strict):
                              description="the DARE family's grid (dare, dare_adv, the ablations, "
                                          "finetune_mined)")
     adversarial: GridConfig = Field(default_factory=_adversarial_grid,
-                                    description="the adversarial-training baselines' grid")
+                                    description="the adversarial-training baselines' grid and "
+                                                "the robust_training methods' (trades, nfgsm, awp, "
+                                                "dare_trades)")
     overrides: dict[str, GridConfig] = Field(
         default_factory=dict, description="per-method replacements of single grid lists, e.g. "
                                           '{"at_pgd_online": {"epochs": [3]}}')

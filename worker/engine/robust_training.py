@@ -2,8 +2,9 @@
 
 Every method here is adversarial FINE-TUNING of the uploaded model: users send trained models, so
 training starts from their weights, and the L-inf radius grows linearly from 0 to the job's budget
-over the first ``robust.eps_ramp_epochs`` epochs (capped at half the epochs, so at least half the
-training runs at the full budget). A trained model suddenly met with examples at the full budget
+over the first ``robust.eps_ramp_epochs`` epochs (capped at half the smallest epochs value of the
+method's grid, so every run and every epoch snapshot the selection scores trains at least half its
+epochs at the full budget, and a snapshot equals the shorter run). A trained model suddenly met with examples at the full budget
 takes a large loss step that can wreck its clean accuracy; the ramp is the usual remedy (the
 N-FGSM code ramps eps over 5 epochs on SVHN for the same reason). ``robust.eps_ramp_epochs: 0``
 trains at the full budget from the first step. The budget is the one the evaluation attacks with
@@ -26,8 +27,8 @@ Robustness and Accuracy", ICML 2019, arXiv:1901.08573; code yaodongyu/TRADES)::
 
 The paper uses eps 0.3, a 0.01, K 40, beta 1 on MNIST and eps 8/255, a 0.007, K 10, beta 6 on
 CIFAR-10. Here eps is the job's budget, K = ``robust.attack_steps`` (10), a = eps / 4 (CIFAR's
-0.007 / 0.031 = 0.23, the engine's PGD step fraction), and beta is searched over
-``robust.trades_beta_grid`` (default the paper's two settings, {1, 6}). f(x) is held fixed inside
+0.007 / 0.031 = 0.23, the engine's PGD step fraction), and beta is a grid parameter
+(``selection.adversarial.beta``, default the paper's two settings, {1, 6}). f(x) is held fixed inside
 the maximisation (the authors recompute the same value at every step); the outer loss
 differentiates through both f(x) and f(x'), as the authors' code does.
 
@@ -55,14 +56,15 @@ proxy copy and take the difference; after the layer-wise normalisation that diff
 the normalised gradient, so it is computed directly (no proxy copy). gamma: 0.01 on PGD-AT and
 0.005 on TRADES (the authors' settings), or ``robust.awp_gamma``. The base is PGD-AT (Madry et
 al. 2018: CE on PGD-K examples, random start, step eps / 4) or TRADES with beta
-``robust.awp_trades_beta`` (6, the AWP paper's): both are in the grid (``robust.awp_bases``) and
-the validation selection keeps the better. Where the architecture gives nothing to perturb (a
-graph whose weights are buffers or constants rather than parameters, so no parameter has two
-dimensions) AWP cannot run: ``awp`` raises ``MethodUnavailable`` (compare lists the method as
-skipped with that reason; ``method: "awp"`` fails the job with the code ``method_unavailable``).
+``robust.awp_trades_beta`` (6, the AWP paper's): the base is a grid parameter
+(``selection.adversarial.awp_base``, default both) and the validation selection keeps the better.
+Where the architecture gives nothing to perturb (a graph whose weights are buffers or constants
+rather than parameters, so no parameter has two dimensions) AWP cannot run: its registry entry
+says so (``unavailable``), compare lists it under ``skipped`` with that reason, and
+``method: "awp"`` fails the job with the code ``method_unavailable``.
 
-dare_trades: DARE's tuning (``tuning.tune_dare``, the tune stage's recipe) and then TRADES
-fine-tuning from DARE's weights, with TRADES' grid and selection. Sequential rather than one
+dare_trades: TRADES fine-tuning from DARE's chosen model (``needs=("dare",)``: DARE's own grid,
+selected on the same split), with TRADES' grid and selection. Sequential rather than one
 combined loss: (1) it tests the paper's claim that DARE complements adversarial training directly,
 since ``dare_trades`` and ``trades`` differ only in the starting weights; (2) a joint loss would
 need a weight between DARE's key-neuron regression and TRADES (one more hyper-parameter), and
@@ -70,17 +72,18 @@ DARE's one-class batches and per-class masks do not fit TRADES' mixed batches; (
 step goes last, because a non-adversarial tune after adversarial training tends to undo its
 robustness. The clean-accuracy budget is measured against the uploaded model, not DARE's.
 
-Selection and bookkeeping are the baselines' (``baselines.select_run``): one copy per grid point,
-judged on at most ``baselines.VAL_MAX`` validation points by clean accuracy and the dataset's PGD
-(40 steps) at the budget, re-run against each candidate. Every method goes through
-``baselines._fit`` (Adam, the model kept in ``eval()``; see there) with a per-batch loss.
-Per-batch randomness is drawn from a generator seeded by (seed, epoch, batch position), so a run is
-reproducible and does not depend on what ran before it.
+Every method is a ``methods.MethodSpec`` (registered at the bottom of this module): grid family
+``adversarial`` (epochs x lr, plus beta for TRADES and dare_trades and the base for AWP), trained
+on the adversarial baselines' training subset, judged by ``selection.select_method`` like every
+other method. One grid point is one ``fine_tune`` call: ``baselines._fit`` (Adam, the model kept
+in ``eval()``; see there) with a per-batch loss. Per-batch randomness is drawn from a generator
+seeded by (seed, epoch, batch position), so a run is reproducible and does not depend on what ran
+before it.
 """
 from __future__ import annotations
 
 import copy
-import time
+import math
 from collections.abc import Callable
 
 import torch
@@ -88,15 +91,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import baselines
-from .errors import InputError
-from .evaluation import (
-    _Meter,
-    accuracy,
-    attack_kwargs,
-    run_batched,
-    select_samples,
-    set_eval,
-)
+from .evaluation import set_eval
+from .methods import MethodSpec, MethodUnavailable, register
 
 Progress = Callable[[float], None]
 BatchLoss = Callable[[nn.Module, Tensor, Tensor, tuple[int, int]], Tensor]
@@ -104,16 +100,6 @@ BatchLoss = Callable[[nn.Module, Tensor, Tensor, tuple[int, int]], Tensor]
 TRADES_START_STD = 0.001  # the authors' x + 0.001 * N(0, 1) start
 STEP_FRACTION = 0.25      # inner step size a = eps / 4
 AWP_GAMMA = {"pgd": 0.01, "trades": 0.005}  # csdongxian/AWP's settings per base
-
-
-class MethodUnavailable(InputError):
-    """The method cannot run on this model; the message says why."""
-
-    def __init__(self, method: str, reason: str) -> None:
-        super().__init__("method_unavailable", f"{method} cannot run on this model: {reason}",
-                         "choose another method (compare skips this one and says so)")
-        self.method = method
-        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +213,8 @@ def _pgd_example(model, xb, yb, eps: float, steps: int, sched: _Schedule, at, da
     """Madry PGD-AT's example: the attack factory's PGD (random start, step eps / 4) against the
     current weights, its random start seeded from the batch's position."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=_batch_gen(sched.seed, *at, "cpu")))
-    return baselines._make_attack("pgd", model, dataset=dataset, eps=eps, steps=steps, seed=seed)(xb, yb)
+    return baselines._make_attack("pgd", model, dataset=dataset, eps=eps, steps=steps,
+                                  seed=seed)(xb, yb)
 
 
 def awp_batch_loss(sched: _Schedule, base: str, rcfg, dataset: str | None) -> tuple[BatchLoss, Callable[[], None]]:
@@ -264,158 +251,152 @@ def awp_batch_loss(sched: _Schedule, base: str, rcfg, dataset: str | None) -> tu
 
 
 # ------------------------------------------------------------------------------------------------
-# Grid search and selection on validation (the baselines' rule)
+# One grid point
 
 
-def _search(method: str, start: nn.Module, original: nn.Module, splits, cfg, grid: list[dict],
-            make_loss: Callable[[dict, int], tuple[BatchLoss, Callable[[], None]]], *, eps: float,
-            clean_drop_limit: float, seed: int, dev, progress: Progress,
-            cancelled: Callable[[], bool]) -> tuple[nn.Module, dict]:
-    """Fine-tune one copy of ``start`` per grid point, judge each on validation against
-    ``original``'s clean accuracy, keep the selected one."""
-    xs, ys = baselines._train_subset(splits, cfg.max_train, seed)
-    vidx = select_samples(len(splits.x_val), baselines.VAL_MAX, seed)
-    xv, yv = splits.x_val[vidx], splits.y_val[vidx]
-    meter = _Meter(len(xs) * cfg.epochs * len(grid) + len(xv) * (1 + len(grid)), progress)
-
-    def val_robust(m: nn.Module) -> float:
-        atk = baselines._make_attack("pgd", m, dataset=splits.name, **attack_kwargs("pgd", eps))
-        return accuracy(m, run_batched(atk, xv, yv, batch_size=baselines.ATTACK_BATCH, device=dev,
-                                       tick=meter.tick, cancelled=cancelled), yv)
-
-    base_clean, base_robust = accuracy(original, xv, yv), val_robust(original)
-    runs, best_state, train_s = [], None, 0.0
-    for point in grid:
-        m = set_eval(copy.deepcopy(start))
-        batch_loss, after_step = make_loss(point, len(xs))
-        t0 = time.perf_counter()
-        fit = baselines._fit(m, xs, ys, lr=point["lr"], epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, seed=seed, tick=meter.tick,
-                             cancelled=cancelled, batch_loss=batch_loss, after_step=after_step)
-        train_s += time.perf_counter() - t0
-        for p in m.parameters():
-            p.requires_grad_(False)
-        vc = accuracy(m, xv, yv)
-        run = {**point, "val_clean": vc, "val_robust": val_robust(m),
-               "within_budget": vc >= base_clean - clean_drop_limit - 1e-12,
-               "final_loss": baselines._finite_or_none(fit["final_loss"]),
-               "diverged": fit["diverged"], "steps": fit["steps"]}
-        runs.append(run)
-        if baselines.select_run(runs) is run:
-            best_state = copy.deepcopy(m.state_dict())
-        del m
-    chosen = baselines.select_run(runs)
-    model = copy.deepcopy(start)
-    model.load_state_dict(best_state)
-    set_eval(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    info = {"method": method, "eps": eps, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "n_train": len(xs), "n_val": len(xv), "clean_drop_limit": clean_drop_limit,
-            "init": "fine-tuned from the uploaded model's weights",
-            "original_val": {"clean": base_clean, "robust": base_robust},
-            "selection": "highest validation PGD accuracy (re-run against each run) among runs "
-                         "within the clean budget",
-            "grid": runs, "chosen": chosen, "within_budget": chosen["within_budget"],
-            "train_seconds": train_s, "gen_seconds": 0.0}
-    return model, info
+ROBUST = ("trades", "nfgsm", "awp", "dare_trades")
+SOURCES = {"trades": "Zhang et al., ICML 2019 (TRADES)",
+           "nfgsm": "de Jorge et al., NeurIPS 2022 (N-FGSM)",
+           "awp": "Wu et al., NeurIPS 2020 (AWP)",
+           "dare_trades": "DARE (paper 3), then Zhang et al., ICML 2019 (TRADES)"}
+NO_WEIGHT = ("no weight of the model is a parameter with two or more dimensions (its weights are "
+             "graph constants), so there is no weight to perturb")
 
 
-def _setup(model: nn.Module, device, eps: float | None, splits):
-    from .attacks import budgets
-
-    dev = torch.device(device)
-    original = set_eval(model.to(dev))
-    budget = eps if eps is not None else budgets.linf_eps(splits.name)
-    return dev, original, budget
-
-
-def trades(model: nn.Module, splits, cfg, rcfg, *, eps: float | None = None,
-           clean_drop_limit: float = 0.10, seed: int = 0, device="cpu",
-           progress: Progress = lambda f: None, cancelled: Callable[[], bool] = lambda: False,
-           start: nn.Module | None = None, method: str = "trades") -> tuple[nn.Module, dict]:
-    """TRADES fine-tuning (module docstring). cfg: ``BaselineConfig`` (epochs, lr_grid,
-    batch_size, max_train); rcfg: ``RobustConfig``; ``eps``: the job's L-inf budget (None: the
-    dataset's). ``start``: the weights to fine-tune (default ``model``'s); the clean budget is
-    always measured against ``model``. Returns ``(hardened copy, info)``."""
-    dev, original, budget = _setup(model, device, eps, splits)
-    ramp = effective_ramp(rcfg.eps_ramp_epochs, cfg.epochs)
-    grid = [{"lr": lr, "beta": b} for lr in cfg.lr_grid for b in rcfg.trades_beta_grid]
-
-    def make(point, n):
-        sched = _Schedule(budget, n, ramp, seed)
+def make_loss(method: str, point: dict, rcfg, sched: _Schedule,
+              dataset: str | None) -> tuple[BatchLoss, Callable[[], None]]:
+    """``(batch_loss, after_step)`` for ``baselines._fit``: ``method``'s loss at ``point``'s
+    settings (``beta`` for TRADES and dare_trades, ``awp_base`` for AWP)."""
+    if method in ("trades", "dare_trades"):
         return trades_batch_loss(sched, point["beta"], rcfg.attack_steps), lambda: None
-
-    start = original if start is None else set_eval(start.to(dev))
-    hardened, info = _search(method, start, original, splits, cfg, grid, make, eps=budget,
-                             clean_drop_limit=clean_drop_limit, seed=seed, dev=dev,
-                             progress=progress, cancelled=cancelled)
-    info.update(eps_ramp_epochs=ramp, attack={"name": "trades_kl", "steps": rcfg.attack_steps,
-                                              "step_size": budget * STEP_FRACTION,
-                                              "start_std": TRADES_START_STD},
-                source="Zhang et al., ICML 2019 (TRADES)")
-    progress(1.0)
-    return hardened, info
+    if method == "nfgsm":
+        return nfgsm_batch_loss(sched, rcfg.nfgsm_noise, rcfg.nfgsm_step), lambda: None
+    if method == "awp":
+        return awp_batch_loss(sched, point["awp_base"], rcfg, dataset)
+    raise ValueError(f"unknown robust_training method {method!r}")
 
 
-def nfgsm(model: nn.Module, splits, cfg, rcfg, *, eps: float | None = None,
-          clean_drop_limit: float = 0.10, seed: int = 0, device="cpu",
-          progress: Progress = lambda f: None,
-          cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
-    """N-FGSM fine-tuning (module docstring); arguments as ``trades``."""
-    dev, original, budget = _setup(model, device, eps, splits)
-    ramp = effective_ramp(rcfg.eps_ramp_epochs, cfg.epochs)
-
-    def make(point, n):
-        return nfgsm_batch_loss(_Schedule(budget, n, ramp, seed), rcfg.nfgsm_noise,
-                                rcfg.nfgsm_step), lambda: None
-
-    hardened, info = _search("nfgsm", original, original, splits, cfg,
-                             [{"lr": lr} for lr in cfg.lr_grid], make, eps=budget,
-                             clean_drop_limit=clean_drop_limit, seed=seed, dev=dev,
-                             progress=progress, cancelled=cancelled)
-    info.update(eps_ramp_epochs=ramp, attack={"name": "nfgsm", "noise": rcfg.nfgsm_noise * budget,
-                                              "step": rcfg.nfgsm_step * budget, "projection": None},
-                source="de Jorge et al., NeurIPS 2022 (N-FGSM)")
-    progress(1.0)
-    return hardened, info
+def recipe(method: str, point: dict, rcfg, eps: float) -> dict:
+    """The settings a run used beyond its grid point, for the report."""
+    inner = {"steps": rcfg.attack_steps, "step_size": eps * STEP_FRACTION}
+    if method in ("trades", "dare_trades"):
+        return {"attack": {"name": "trades_kl", **inner, "start_std": TRADES_START_STD}}
+    if method == "nfgsm":
+        return {"attack": {"name": "nfgsm", "noise": rcfg.nfgsm_noise * eps,
+                           "step": rcfg.nfgsm_step * eps, "projection": None}}
+    base = point["awp_base"]
+    return {"attack": {"name": "pgd" if base == "pgd" else "trades_kl", **inner},
+            "gamma": rcfg.awp_gamma if rcfg.awp_gamma is not None else AWP_GAMMA[base],
+            **({"trades_beta": rcfg.awp_trades_beta} if base == "trades" else {})}
 
 
-def awp(model: nn.Module, splits, cfg, rcfg, *, eps: float | None = None,
-        clean_drop_limit: float = 0.10, seed: int = 0, device="cpu",
-        progress: Progress = lambda f: None,
-        cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
-    """AWP on PGD-AT and/or TRADES (module docstring); arguments as ``trades``. Raises
-    ``MethodUnavailable`` when the model has no parameter of two or more dimensions."""
-    if not perturbable(model):
-        raise MethodUnavailable("awp", "no weight of the model is a parameter with two or more "
-                                       "dimensions (its weights are graph constants), so there is "
-                                       "no weight to perturb")
-    dev, original, budget = _setup(model, device, eps, splits)
-    ramp = effective_ramp(rcfg.eps_ramp_epochs, cfg.epochs)
-    grid = [{"lr": lr, "base": b} for lr in cfg.lr_grid for b in dict.fromkeys(rcfg.awp_bases)]
+def fine_tune(start: nn.Module, xs: Tensor, ys: Tensor, method: str, point: dict, rcfg, *,
+              eps: float, ramp_epochs: float, batch_size: int, dataset: str | None = None,
+              seed: int = 0, on_epoch=lambda k, m: None, progress: Progress = lambda f: None,
+              cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``start`` with ``method`` at ``point`` (``{"epochs", "lr", ...}``) on
+    ``xs`` (N, C, H, W) in [0, 1], ``ys`` (N,), against the L-inf budget ``eps``, its radius
+    ramped over ``ramp_epochs`` (used as given: the caller caps it, see ``ramp_for``). Returns
+    ``(model, info)``; ``start`` is left untouched. Raises ``MethodUnavailable`` for AWP on a
+    model with no weight to perturb."""
+    if method == "awp" and not perturbable(start):
+        raise MethodUnavailable("awp", NO_WEIGHT)
+    m = set_eval(copy.deepcopy(start))
+    sched = _Schedule(eps, len(xs), ramp_epochs, seed)
+    batch_loss, after_step = make_loss(method, point, rcfg, sched, dataset)
+    total = max(1, len(xs) * point["epochs"])
+    done = [0]
 
-    def make(point, n):
-        return awp_batch_loss(_Schedule(budget, n, ramp, seed), point["base"], rcfg, splits.name)
+    def tick(n: int) -> None:
+        done[0] += n
+        progress(done[0] / total)
 
-    hardened, info = _search("awp", original, original, splits, cfg, grid, make, eps=budget,
-                             clean_drop_limit=clean_drop_limit, seed=seed, dev=dev,
-                             progress=progress, cancelled=cancelled)
-    info.update(eps_ramp_epochs=ramp,
-                gamma={b: rcfg.awp_gamma if rcfg.awp_gamma is not None else AWP_GAMMA[b]
-                       for b in rcfg.awp_bases},
-                attack={"steps": rcfg.attack_steps, "step_size": budget * STEP_FRACTION,
-                        "trades_beta": rcfg.awp_trades_beta},
-                source="Wu et al., NeurIPS 2020 (AWP)")
-    progress(1.0)
-    return hardened, info
+    fit = baselines._fit(m, xs, ys, lr=point["lr"], epochs=point["epochs"], batch_size=batch_size,
+                         seed=seed, tick=tick, cancelled=cancelled, on_epoch=on_epoch,
+                         batch_loss=batch_loss, after_step=after_step)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    # examples the loss sees per epoch: clean and adversarial (TRADES, AWP on TRADES) or only
+    # adversarial (N-FGSM, AWP on PGD-AT); counted as the adversarial baselines count theirs
+    both = method in ("trades", "dare_trades") or point.get("awp_base") == "trades"
+    info = {"method": method, "eps": eps, "eps_ramp_epochs": ramp_epochs, "epochs": point["epochs"],
+            "lr": point["lr"], **{k: v for k, v in point.items() if k in ("beta", "awp_base")},
+            "n_train": len(xs), "n_samples": (2 if both else 1) * len(xs),
+            "final_loss": baselines.finite_or_none(fit["final_loss"]), "diverged": fit["diverged"],
+            "steps": fit["steps"], **recipe(method, point, rcfg, eps), "source": SOURCES[method],
+            "init": ("DARE's chosen model, then TRADES fine-tuning" if method == "dare_trades"
+                     else "fine-tuned from the uploaded model's weights")}
+    return m, info
 
 
-def dare_trades(model: nn.Module, dare_model: nn.Module, dare_info: dict, splits, cfg, rcfg,
-                **kw) -> tuple[nn.Module, dict]:
-    """TRADES fine-tuning of DARE's tuned model (module docstring); the clean budget is measured
-    against ``model``, the upload. ``kw`` as ``trades``."""
-    hardened, info = trades(model, splits, cfg, rcfg, start=dare_model, method="dare_trades", **kw)
-    info.update(phases=["dare", "trades"], dare=dare_info,
-                init="DARE's tuned model (tune stage recipe), then TRADES fine-tuning")
-    return hardened, info
+# ------------------------------------------------------------------------------------------------
+# The registry entries: trained and chosen like every other method (selection.select_method)
+
+
+def ramp_for(job, spec, point: dict) -> float:
+    """``robust.eps_ramp_epochs`` capped at half the smallest epochs value the method is scored
+    at (its grid's, or the run's own), so each scored snapshot equals the shorter run."""
+    from .selection import grid_for
+
+    shortest = min([point["epochs"], *grid_for(spec, job.config)["epochs"]])
+    return effective_ramp(job.config.robust.eps_ramp_epochs, shortest)
+
+
+def _unavailable(method: str):
+    def check(job) -> str | None:
+        return NO_WEIGHT if method == "awp" and not perturbable(job.original) else None
+    return check
+
+
+def _runner(method: str):
+    def train(job, point: dict, on_epoch, progress):
+        from .methods import REGISTRY
+
+        start = job.models["dare"] if method == "dare_trades" else job.original
+        xs, ys = job.train_subset()
+        cfg = job.config
+        return fine_tune(start.to(job.ctx.device), xs, ys, method, point, cfg.robust, eps=job.eps,
+                         ramp_epochs=ramp_for(job, REGISTRY[method], point),
+                         batch_size=cfg.baselines.batch_size, dataset=job.splits.name,
+                         seed=cfg.seed, on_epoch=on_epoch, progress=progress,
+                         cancelled=job.ctx.cancelled)
+    return train
+
+
+def _cost(method: str):
+    """Seconds of the grid's trainings from the probe's timed batches: per batch, the inner
+    attack (TRADES' and PGD-AT's K steps timed as PGD-K) plus the training forwards and
+    backwards (N-FGSM: one extra forward and backward; AWP: one more for the weight ascent)."""
+    def cost(job, probe, grid) -> float:
+        from .selection import grid_size
+
+        rcfg, bs = job.config.robust, job.config.baselines.batch_size
+        n = min(job.config.baselines.max_train, len(job.splits.y_train))
+        batches = max(1, math.ceil(n / bs)) * max(grid["epochs"])
+        inner = probe.attack("pgd", bs, steps=rcfg.attack_steps)
+        step = probe.step(bs)
+        if method == "nfgsm":
+            per = [2 * step]
+        elif method == "awp":
+            per = [inner + (4 if b == "trades" else 3) * step for b in grid["awp_base"]]
+        else:
+            per = [inner + 2 * step]
+        runs_per_kind = grid_size(grid)[0] / len(per)
+        return sum(runs_per_kind * batches * p for p in per)
+    return cost
+
+
+_PARAMS = {"trades": ("beta",), "nfgsm": (), "awp": ("awp_base",), "dare_trades": ("beta",)}
+_RECIPES = {
+    "trades": "TRADES (Zhang et al. 2019): CE plus beta times KL to the clean prediction, x' from "
+              "K KL-ascent steps; fine-tuning with an eps ramp",
+    "nfgsm": "N-FGSM (de Jorge et al. 2022): one FGSM step of eps from uniform noise of 2 eps, no "
+             "projection; fine-tuning with an eps ramp",
+    "awp": "AWP (Wu et al. 2020): adversarial weight perturbation on PGD-AT or TRADES; "
+           "fine-tuning with an eps ramp",
+    "dare_trades": "DARE's chosen model, then TRADES fine-tuning with an eps ramp",
+}
+for _name in ROBUST:
+    register(MethodSpec(_name, "adversarial", _PARAMS[_name], _runner(_name), _cost(_name),
+                        needs=("dare",) if _name == "dare_trades" else (),
+                        recipe=_RECIPES[_name], unavailable=_unavailable(_name)))
