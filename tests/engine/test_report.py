@@ -77,7 +77,7 @@ def test_comparison_section_from_an_evaluation():
                         "at_fgsm": (0.70, 0.9, 0.80)})  # best adaptive, but 25 points of clean lost
     rep = _report(comparison=comp)
     c = rep["comparison"]
-    assert set(c) == {"methods", "recommended", "rule"}
+    assert set(c) == {"methods", "recommended", "rule", "skipped"} and c["skipped"] == {}
     assert set(c["methods"]) == {"dare", "at_pgd", "at_fgsm"}
     for m in c["methods"].values():
         assert set(m) == {"clean_accuracy", "within_budget", "attacks", "mean_transfer_er", "mean_adaptive_accuracy"}

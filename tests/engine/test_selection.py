@@ -248,16 +248,26 @@ def test_auto_ships_the_validation_choice_and_never_a_control(auto_job):
 
 # --- the time budget ---------------------------------------------------------------------------
 
-def test_the_time_budget_skips_the_expensive_method_and_lists_it(subject, tmp_path):
+def test_the_time_budget_skips_the_expensive_method_and_lists_it(subject, tmp_path, monkeypatch):
+    """Skipped for time and skipped because it cannot run on the model: one report field, a
+    reason each. (AWP is made unavailable by stubbing its check: no reference subject keeps its
+    weights as graph constants.)"""
+    from worker.engine import robust_training
+
+    monkeypatch.setattr(robust_training, "perturbable", lambda m: False)
     wd = _job(tmp_path, subject)
     cfg = {**TINY, "dataset": "digits", "budget_minutes": 1.0, "baselines": {"max_train": 600},
            "selection": {**TINY["selection"], "methods": ["dare", "at_fgsm", "at_pgd_online",
-                                                          "weight_noise"],
+                                                          "weight_noise", "awp"],
                          "overrides": {"at_pgd_online": {"epochs": [100]}}}}
     _run(wd, cfg)
-    sel = _report(wd)["comparison"]["selection"]
-    assert set(sel["skipped"]) == {"at_pgd_online"}
-    assert sel["skipped"]["at_pgd_online"]["estimate_s"] > sel["skipped"]["at_pgd_online"]["left_s"]
+    rep = _report(wd)
+    sel, skipped = rep["comparison"]["selection"], rep["comparison"]["skipped"]
+    assert "skipped" not in sel
+    assert {k: v["reason"] for k, v in skipped.items()} == {"at_pgd_online": "time_budget",
+                                                            "awp": "method_unavailable"}
+    assert skipped["at_pgd_online"]["estimate_s"] > skipped["at_pgd_online"]["left_s"]
+    assert "no weight" in skipped["awp"]["detail"]
     assert set(sel["methods"]) == {"dare", "at_fgsm", "weight_noise"}
     # cheapest first (weight_noise waits for the dare it is made from), the skipped one last
     assert sel["order"][-1] == "at_pgd_online" and sel["order"].index("weight_noise") > \
@@ -266,7 +276,8 @@ def test_the_time_budget_skips_the_expensive_method_and_lists_it(subject, tmp_pa
     assert est["dare"]["train_s"] == 0  # chosen already in the tune stage: nothing left to train
     assert est["at_fgsm"]["train_s"] > 0
     html = (wd / "artifacts" / "report.html").read_text()
-    assert 'data-list="skipped"' in html and "at_pgd_online" in html.split('data-list="skipped"')[1]
+    listed = html.split('data-list="skipped"')[1]
+    assert "at_pgd_online" in listed and "no weight" in listed
 
 
 # --- snapshots --------------------------------------------------------------------------------

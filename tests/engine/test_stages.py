@@ -113,23 +113,43 @@ def test_compare_and_auto_pick_the_recommended_method(subject, tmp_path):
 
 def test_every_method_trains_against_the_evaluations_budget(subject, tmp_path, monkeypatch):
     """One threat model per job: evaluation.eps (away from the dataset's 0.1) is the budget the
-    adversarial-training baselines and DARE-adv's PGD train against; tune.adv_eps still wins."""
-    from worker.engine import attacks
+    adversarial-training baselines, the robust_training methods (TRADES, N-FGSM, AWP,
+    dare_trades: their eps ramp ends there) and DARE-adv's PGD train against; tune.adv_eps still
+    wins."""
+    from worker.engine import attacks, robust_training
     from worker.engine.stages import harden
 
     made = []
     real = attacks.make_attack
     monkeypatch.setattr(attacks, "make_attack",
                         lambda name, m, **kw: made.append((name, kw.get("eps"))) or real(name, m, **kw))
+    radii: dict[str, list] = {}  # the radius of every training batch's adversarial example
+
+    def spy(fn, eps_at):
+        def wrapped(*a, **kw):
+            radii.setdefault(fn.__name__, []).append(a[eps_at])
+            return fn(*a, **kw)
+        return wrapped
+
+    for fn, eps_at in (("trades_example", 2), ("nfgsm_example", 3), ("_pgd_example", 3)):
+        monkeypatch.setattr(robust_training, fn, spy(getattr(robust_training, fn), eps_at))
     wd = _job(tmp_path, subject)
     ctx = StageContext(wd, parse_config({**SMALL, "dataset": "digits",
                                          "evaluation": {"eps": 0.05}}))
     harden(ctx, "at_pgd")
     harden(ctx, "at_pgd_online")
     assert made and set(made) == {("pgd", 0.05)}
+    # AWP's single point is its grid's first base, PGD-AT (_pgd_example)
+    for name, fn in (("trades", "trades_example"), ("nfgsm", "nfgsm_example"),
+                     ("awp", "_pgd_example")):
+        harden(ctx, name)
+        assert max(radii.pop(fn)) == pytest.approx(0.05) and not radii, name
     made.clear()
     for name in ("validate", "slice", "mine"):
         run_stage(name, ctx)
+    harden(ctx, "dare_trades")
+    assert max(radii.pop("trades_example")) == pytest.approx(0.05) and not radii
+    made.clear()
     harden(ctx, "dare_adv")
     assert made and {e for _, e in made} == {0.05}
     made.clear()

@@ -52,14 +52,21 @@ def _make_attack(name, model, dataset=None, **overrides):
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int,
          batch_size: int, adv_fraction: float = 0.0, adversary=None, weight_decay: float = 0.0,
          seed: int = 0, tick=lambda n: None, cancelled=lambda: False,
-         on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None) -> dict:
+         on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None,
+         batch_loss: Callable | None = None, after_step: Callable[[], None] = lambda: None) -> dict:
     """Fine-tune ``model`` in place with Adam on cross-entropy.
 
     loss = (1 - adv_fraction) * CE(x) + adv_fraction * CE(adversary(idx, x, y)), where
     ``adversary`` returns the adversarial batch for the batch's indices (offline: a lookup;
-    online: an attack on the current weights). ``on_epoch(k, model)`` runs after epoch k
-    (1-based): the selection scores its epoch snapshots there. Returns ``{"final_loss",
-    "diverged", "steps", "adversary_seconds"}``; training stops at the first non-finite loss.
+    online: an attack on the current weights). Returns ``{"final_loss", "diverged", "steps",
+    "adversary_seconds"}``; training stops at the first non-finite loss.
+
+    Three hooks: ``batch_loss(model, xb, yb, (epoch, start))`` replaces that loss
+    (``robust_training``'s methods; ``epoch`` 0-based, ``start`` the batch's first position in
+    the epoch, for schedules and per-batch seeds). ``after_step()`` runs after every optimiser
+    step, and before stopping on a non-finite loss: AWP takes its weight perturbation back out
+    there. ``on_epoch(k, model)`` runs after epoch k (1-based, after that epoch's last
+    ``after_step``): the selection scores its epoch snapshots there.
     """
     # Exported graphs (torch.export) have BatchNorm and dropout baked in as inference ops and
     # refuse train() altogether, so train mode means nothing for them. Staying in eval() makes a
@@ -82,19 +89,23 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
             idx = perm[i:i + batch_size]
             xb, yb = x[idx].to(dev), y[idx].to(dev)
             loss = torch.zeros((), device=dev)
-            if adv_fraction < 1.0:
+            if batch_loss is not None:
+                loss = batch_loss(model, xb, yb, (epoch, i))
+            if batch_loss is None and adv_fraction < 1.0:
                 loss = loss + (1.0 - adv_fraction) * F.cross_entropy(model(xb), yb)
-            if adv_fraction > 0.0:
+            if batch_loss is None and adv_fraction > 0.0:
                 t0 = time.perf_counter()
                 xa = adversary(idx, xb, yb).to(dev)
                 adv_s += time.perf_counter() - t0
                 loss = loss + adv_fraction * F.cross_entropy(model(xa), yb)
             if not torch.isfinite(loss):
+                after_step()
                 diverged = True
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            after_step()
             last, steps = float(loss.detach()), steps + 1
             tick(len(idx))
         if diverged:

@@ -12,10 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 EMBEDDED = ("digits", "mnist5k", "fashion")  # datasets shipped in installed (Python or Debian) packages
 ATTACKS = ("fgsm", "bim", "pgd", "cw", "jsma")
 AT_METHODS = tuple(f"at_{a}" for a in ATTACKS) + ("at_pgd_online",)
+ROBUST_METHODS = ("trades", "nfgsm", "awp", "dare_trades")  # worker/engine/robust_training.py
 ABLATIONS = ("dare_s", "dare_sl", "dare_rand", "finetune_mined", "weight_noise")
-METHODS = ("dare", "dare_adv") + AT_METHODS + ("auto",)
+METHODS = ("dare", "dare_adv") + AT_METHODS + ROBUST_METHODS + ("auto",)
 # Everything compare can train, in the report's order (methods.REGISTRY holds how).
-COMPARE_METHODS = ("dare", "dare_adv") + AT_METHODS + ABLATIONS
+COMPARE_METHODS = ("dare", "dare_adv") + AT_METHODS + ROBUST_METHODS + ABLATIONS
+# Methods without one setting in the job's config: a job that ships one always chooses its
+# grid point on the selection split.
+GRID_ONLY_METHODS = AT_METHODS + ROBUST_METHODS
 
 
 class _Strict(BaseModel):
@@ -47,6 +51,25 @@ class BaselineConfig(_Strict):
     max_train: int = Field(2000, ge=10, description="training examples used to make adversarial ones")
 
 
+class RobustConfig(_Strict):
+    """The recipe constants of TRADES, N-FGSM, AWP and dare_trades (adversarial fine-tuning of the
+    uploaded model; recipes and sources in worker/engine/robust_training.py). What is searched
+    (epochs, lr, TRADES' beta, AWP's base) is their grid in ``selection.adversarial``; batch size
+    and max_train are the ``baselines`` ones, so every adversarial method trains like for like."""
+
+    eps_ramp_epochs: float = Field(
+        2.0, ge=0, le=100, description="eps grows linearly from 0 to the budget over these first "
+        "epochs (at most half of the grid's smallest epochs value, so every scored snapshot "
+        "trains half its epochs at the full budget); 0: the full budget from the first step")
+    attack_steps: int = Field(10, ge=1, le=100, description="TRADES and PGD-AT inner steps (size eps/4)")
+    nfgsm_noise: float = Field(2.0, ge=0, le=10, description="N-FGSM noise U(-k eps, k eps): k")
+    nfgsm_step: float = Field(1.0, gt=0, le=10, description="N-FGSM step: this times eps")
+    awp_gamma: float | None = Field(
+        None, ge=0, le=1, description="AWP's relative weight-perturbation size; null: the AWP paper's "
+        "(0.01 on PGD-AT, 0.005 on TRADES)")
+    awp_trades_beta: float = Field(6.0, ge=0, description="beta of AWP's TRADES base (the AWP paper's)")
+
+
 def _nonempty_sorted(v):
     if v is None:
         return None
@@ -56,9 +79,10 @@ def _nonempty_sorted(v):
 
 
 class GridConfig(_Strict):
-    """The values a method is trained with when it is selected (compare, auto, at_* jobs): every
-    combination is trained and judged on the selection split. A parameter the method does not
-    take is ignored for it; null in ``selection.methods`` keeps the family's list."""
+    """The values a method is trained with when it is selected (compare, auto, and jobs that ship
+    a ``GRID_ONLY_METHODS`` method): every combination is trained and judged on the selection
+    split. A parameter the method does not take is ignored for it; null in ``selection.overrides``
+    keeps the family's list."""
 
     epochs: list[int] | None = Field(None, description="training epochs (one run per lr, snapshots "
                                                        "at each value)")
@@ -68,8 +92,17 @@ class GridConfig(_Strict):
                                                                    "history mined")
     adv_fraction: list[float] | None = Field(None, description="offline adversarial training: "
                                                                "weight of the adversarial loss")
+    beta: list[float] | None = Field(None, description="TRADES (trades, dare_trades): weight of "
+                                                       "the KL term (1/lambda)")
+    awp_base: list[Literal["pgd", "trades"]] | None = Field(
+        None, description="AWP: the method whose loss the weights are perturbed against")
 
-    @field_validator("epochs", "lr", "q", "history_fraction", "adv_fraction")
+    @field_validator("awp_base")
+    @classmethod
+    def _bases(cls, v):
+        return _nonempty_sorted(v)
+
+    @field_validator("epochs", "lr", "q", "history_fraction", "adv_fraction", "beta")
     @classmethod
     def _values(cls, v, info):
         v = _nonempty_sorted(v)
@@ -85,7 +118,8 @@ class GridConfig(_Strict):
 
 # (low, high, low included) per grid parameter
 _GRID_RANGES = {"epochs": (1, 1000, True), "lr": (0, 1, False), "q": (0, 1, False),
-                "history_fraction": (0, 1, False), "adv_fraction": (0, 1, True)}
+                "history_fraction": (0, 1, False), "adv_fraction": (0, 1, True),
+                "beta": (0, 100, True)}
 
 
 def _dare_grid() -> GridConfig:
@@ -95,7 +129,10 @@ def _dare_grid() -> GridConfig:
 
 
 def _adversarial_grid() -> GridConfig:
-    return GridConfig(epochs=[3, 5], lr=[3e-4, 1e-3], adv_fraction=[0.5])
+    # TRADES' beta: the paper's MNIST (1) and CIFAR-10 (6) settings; AWP on both bases, as the
+    # AWP paper reports both.
+    return GridConfig(epochs=[3, 5], lr=[3e-4, 1e-3], adv_fraction=[0.5], beta=[1.0, 6.0],
+                      awp_base=["pgd", "trades"])
 
 
 ON_BUDGET_MISS = ("fail", "best_within", "original")
@@ -109,7 +146,9 @@ class SelectionConfig(_Strict):
                              description="the DARE family's grid (dare, dare_adv, the ablations, "
                                          "finetune_mined)")
     adversarial: GridConfig = Field(default_factory=_adversarial_grid,
-                                    description="the adversarial-training baselines' grid")
+                                    description="the adversarial-training baselines' grid and "
+                                                "the robust_training methods' (trades, nfgsm, awp, "
+                                                "dare_trades)")
     overrides: dict[str, GridConfig] = Field(
         default_factory=dict, description="per-method replacements of single grid lists, e.g. "
                                           '{"at_pgd_online": {"epochs": [3]}}')
@@ -185,7 +224,7 @@ class HardenConfig(_Strict):
     seed: int = Field(0, ge=0)
     clean_drop_limit: float = Field(0.10, ge=0, le=1)
     method: Literal["dare", "dare_adv", "at_fgsm", "at_bim", "at_pgd", "at_cw", "at_jsma",
-                    "at_pgd_online", "auto"] = "dare"
+                    "at_pgd_online", "trades", "nfgsm", "awp", "dare_trades", "auto"] = "dare"
     compare: bool = False
     dataset: str | None = Field(None, description="embedded dataset name instead of an uploaded .npz")
     val_fraction: float | None = Field(
@@ -195,6 +234,7 @@ class HardenConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tune: TuneConfig = Field(default_factory=TuneConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     on_budget_miss: Literal["fail", "best_within", "original"] = Field(

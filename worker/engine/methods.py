@@ -4,13 +4,17 @@ An entry names how to train one grid point, which selection grid it takes (``fam
 of ``config.SelectionConfig``), the grid parameters it takes besides epochs and lr, and what one
 training costs, for the time budget. ``selection.select_method`` runs the grid and applies the
 rule, the same for every entry. A new method is one ``register(MethodSpec(...))`` call in its
-own module, imported by ``load_plugins``; its name must also be in ``config.COMPARE_METHODS``.
+own module, listed in ``PLUGINS`` and imported by ``load_plugins``; its name must also be in
+``config.COMPARE_METHODS`` (and, for ``method: <name>`` jobs, in ``config.METHODS``).
 
 ``train(job, point, on_epoch, progress)`` trains a copy of ``job.original`` with ``point``
 (``{"epochs", "lr", ...}``), calls ``on_epoch(k, model)`` after each epoch k and returns
 ``(model, info)``; info's ``n_samples`` is the number of samples it tuned on.
 ``cost(job, probe, grid)`` estimates the seconds of all its trainings from ``schedule.Probe``'s
 timed batches (scoring is added by the scheduler, the same for every method).
+``unavailable(job)`` returns why the method cannot run on this job's model (None: it can): compare
+lists it under ``skipped`` instead of training it; a job that ships it fails with
+``MethodUnavailable``. A method with ``needs`` finds their chosen models in ``job.models``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Callable
 import torch
 
 from .config import COMPARE_METHODS
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,17 @@ class MethodSpec:
     needs: tuple[str, ...] = ()       # methods whose chosen model it is made from
     control: bool = False             # measured beside the methods, never recommended
     recipe: str = ""
+    unavailable: Callable | None = None  # (job) -> why it cannot run on this model, or None
+
+
+class MethodUnavailable(InputError):
+    """The method cannot run on this model; ``reason`` says why."""
+
+    def __init__(self, method: str, reason: str) -> None:
+        super().__init__("method_unavailable", f"{method} cannot run on this model: {reason}",
+                         "choose another method (compare skips this one and says so)")
+        self.method = method
+        self.reason = reason
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -47,7 +63,8 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-PLUGINS: tuple[str, ...] = ()  # modules that register more methods (imported once, lazily)
+# modules that register more methods (imported once, lazily)
+PLUGINS: tuple[str, ...] = ("worker.engine.robust_training",)
 
 
 def load_plugins() -> dict[str, MethodSpec]:
@@ -79,6 +96,8 @@ class MethodJob:
                                self.splits.x_test)["eps"]
         self._slices: dict = {}
         self._offline: dict = {}
+        # the chosen models of the methods that ran, for those made from them (``needs``)
+        self.models: dict = {}
 
     def kw(self, progress) -> dict:
         return dict(seed=self.config.seed, device=self.ctx.device, progress=progress,
@@ -305,12 +324,23 @@ register(MethodSpec("weight_noise", "dare", (), None, _no_cost, needs=("dare",),
                     recipe="control: Gaussian noise shaped like DARE's weight change, no data"))
 
 
-def compared(config) -> list[str]:
-    """The methods a compare runs, in the report's order."""
+def compared(config, first: tuple[str, ...] = ()) -> list[str]:
+    """The methods a compare runs, in the report's order (``first`` ahead of
+    ``selection.methods``); a method brings the methods it is made from (``needs``) along,
+    ahead of it."""
     reg = load_plugins()
-    names = config.selection.methods or [m for m in COMPARE_METHODS if m in reg]
-    return [m for m in names if m in reg]
+    out: list[str] = []
+
+    def add(m: str) -> None:
+        if m in reg and m not in out:
+            for d in reg[m].needs:
+                add(d)
+            out.append(m)
+
+    for m in (*first, *(config.selection.methods or COMPARE_METHODS)):
+        add(m)
+    return out
 
 
 def controls() -> tuple[str, ...]:
-    return tuple(n for n, s in REGISTRY.items() if s.control)
+    return tuple(n for n, s in load_plugins().items() if s.control)

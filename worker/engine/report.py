@@ -92,28 +92,35 @@ def rule_for(methods: dict) -> str:
     return RULE if _has_adaptive(methods) or not methods else RULE_NO_ADAPTIVE
 
 
-def build_comparison(comparison: dict, clean_drop_limit: float, selection: dict | None = None) -> dict:
+def build_comparison(comparison: dict, clean_drop_limit: float, selection: dict | None = None,
+                     skipped: dict | None = None) -> dict:
     """``comparison`` is an ``evaluate`` result over the compared methods, or already
-    ``{"methods": {...}}``; returns ``{"methods", "recommended", "rule"}``.
+    ``{"methods": {...}}``; returns ``{"methods", "recommended", "rule", "skipped"}``.
 
     With ``selection`` (the compare stage's choice on the validation split), the recommendation
     and its rule are the selection's and the selection table is kept beside the test figures
-    under ``"selection"``; without it, the recommendation is recomputed from the figures given."""
+    under ``"selection"``; without it, the recommendation is recomputed from the figures given.
+    ``skipped``: the methods the compare did not run, ``{name: {"reason", "detail", ...}}``;
+    ``reason`` is ``method_unavailable`` (it cannot run on this model, e.g. AWP without a weight
+    parameter), ``needs_skipped`` (made from a method that did not run) or ``time_budget``
+    (``budget_minutes`` left no room; with ``estimate_s`` and ``left_s``)."""
     if "methods" in comparison:
         methods = {k: {f: v[f] for f in METHOD_KEYS} for k, v in comparison["methods"].items()}
     else:
         names = [k for k in comparison["clean"] if k != "original"]
         methods = {k: method_summary(comparison, k, clean_drop_limit) for k in names}
+    skipped = {k: dict(v) for k, v in (skipped or {}).items()}
     if selection is not None:
         return {"methods": methods, "recommended": selection.get("recommended"),
-                "rule": selection.get("rule"), "selection": selection}
+                "rule": selection.get("rule"), "selection": selection, "skipped": skipped}
     return {"methods": methods, "recommended": recommend(methods, clean_drop_limit),
-            "rule": rule_for(methods)}
+            "rule": rule_for(methods), "skipped": skipped}
 
 
 def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: dict, chosen: str,
                  clean_drop_limit: float, slicing: dict, mining: dict,
-                 comparison: dict | None, selection: dict | None = None) -> dict:
+                 comparison: dict | None, selection: dict | None = None,
+                 skipped: dict | None = None) -> dict:
     """The ``report.json`` object (schema 1) for the hardened model ``chosen``.
 
     evaluation: an ``evaluation.evaluate`` result that includes ``chosen`` among its hardened
@@ -168,7 +175,7 @@ def build_report(*, config: dict, versions: dict, timings_s: dict, evaluation: d
         "slicing": dict(slicing),
         "mining": dict(mining),
         "comparison": (None if comparison is None
-                       else build_comparison(comparison, clean_drop_limit, selection)),
+                       else build_comparison(comparison, clean_drop_limit, selection, skipped)),
         "protocol": evaluation["protocol"],
         "method": chosen,
         "pgd_curve": evaluation.get("pgd_curve"),

@@ -620,9 +620,10 @@ def _settings(d: dict) -> str:
     return ", ".join(f"{_e(k)} {_e(_plain(v))}" for k, v in d.items()) or "&ndash;"
 
 
-def selection_section(sel: dict) -> str:
+def selection_section(sel: dict, skipped: dict | None = None) -> str:
     """How the method was chosen: each method's chosen grid point with its validation figures,
-    the sample counts side by side, and the methods the time budget skipped."""
+    the sample counts side by side, and the methods compare skipped (``comparison.skipped``),
+    each with its reason."""
     rows_in = {str(k): _dict(v) for k, v in _dict(sel.get("methods")).items()}
     outcome = _dict(sel.get("outcome"))
     chosen = sel.get("chosen")
@@ -653,15 +654,16 @@ def selection_section(sel: dict) -> str:
                     + (f"<td><b>{_pct(r.get('val_autoattack'))}</b></td>" if has_aa else "")
                     + f"<td>{_badge(r.get('within_budget'), 'within', 'over')}</td>"
                     f"<td>{secs}</td></tr>")
-    skipped = {str(k): _dict(v) for k, v in _dict(sel.get("skipped")).items()}
+    skipped = {str(k): _dict(v) for k, v in _dict(skipped).items()}
     skip = ""
     if skipped:
-        items = "".join(f"<li><b>{_e(k)}</b>: {_e(v.get('reason', ''))}"
+        items = "".join(f"<li><b>{_e(k)}</b>: {_e(v.get('detail', v.get('reason', '')))}"
                         + (f" (estimate {_secs(_num(v['estimate_s']) or 0.0)}, "
                            f"{_secs(max(_num(v.get('left_s')) or 0.0, 0.0))} left)"
                            if v.get("estimate_s") is not None else "") + "</li>"
                         for k, v in skipped.items())
-        budget = sel.get("budget_minutes")
+        timed = any(v.get("reason") == "time_budget" for v in skipped.values())
+        budget = sel.get("budget_minutes") if timed else None
         skip = (f'<p class="warn">Skipped{f" (time budget {_e(budget)} min)" if budget else ""}:'
                 f'</p><ul class="fails" data-list="skipped">{items}</ul>')
     miss = outcome.get("budget_miss") is True
@@ -832,7 +834,7 @@ def render_html(report: dict) -> str:
 
     if comp is not None and isinstance(comp.get("selection"), dict):
         parts.append('<section class="card" id="selection"><h2>Method selection (validation)</h2>'
-                     + selection_section(comp["selection"]) + "</section>")
+                     + selection_section(comp["selection"], comp.get("skipped")) + "</section>")
     if comp is not None:
         title = ("Final figures (test)" if isinstance(comp.get("selection"), dict)
                  else "Method comparison")

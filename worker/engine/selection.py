@@ -41,8 +41,11 @@ class NoMethodWithinBudget(InputError):
 
 
 def selects(config) -> bool:
-    """Whether the job compares methods (and so holds the selection split out of mining)."""
-    return bool(config.compare or config.method == "auto")
+    """Whether the job chooses on the selection split (compare, auto, or a method that is always
+    chosen from its grid: ``config.GRID_ONLY_METHODS``), and so holds those points out of mining."""
+    from .config import GRID_ONLY_METHODS
+
+    return bool(config.compare or config.method == "auto" or config.method in GRID_ONLY_METHODS)
 
 
 def split_validation(n_val: int, holdout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

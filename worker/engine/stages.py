@@ -198,28 +198,48 @@ def _mine_stage(ctx: "StageContext") -> dict:
 
 
 def _single_point(config, spec) -> dict:
-    """A method's one configuration outside a selection: the job's own settings."""
+    """A method's one configuration outside a selection: the job's own settings, and for a grid
+    parameter the job has no setting of (TRADES' beta, AWP's base) the first value of its grid."""
+    from .selection import grid_for
+
     if spec.family == "dare":
-        return {"epochs": config.tune.epochs, "lr": config.tune.lr, "q": config.q,
-                "history_fraction": config.history_fraction}
-    b = config.baselines
-    return {"epochs": b.epochs, "lr": b.lr_grid[0], "adv_fraction": b.adv_fraction_grid[0]}
+        own = {"epochs": config.tune.epochs, "lr": config.tune.lr, "q": config.q,
+               "history_fraction": config.history_fraction}
+    else:
+        b = config.baselines
+        own = {"epochs": b.epochs, "lr": b.lr_grid[0], "adv_fraction": b.adv_fraction_grid[0]}
+    grid = grid_for(spec, config)
+    return {p: own[p] if p in own else grid[p][0] for p in grid}
 
 
 def harden(ctx: "StageContext", method: str, progress=None):
-    """Train one method with the job's own settings (``tune``, ``q``, ``history_fraction``;
-    ``baselines``' first grid values), no selection. Returns ``(model, info)``; every method
-    starts from the same original model."""
+    """Train one method with the job's own settings (``_single_point``), no selection; a method
+    made from another (``needs``) starts from that one trained the same way. Returns
+    ``(model, info)``; every method starts from the same original model."""
     from .methods import REGISTRY, MethodJob, load_plugins
 
     load_plugins()
-    spec = REGISTRY.get(method)
-    if spec is None or spec.train is None:
+    if REGISTRY.get(method) is None or REGISTRY[method].train is None:
         raise ValueError(f"unknown method {method!r}")
     job = MethodJob(ctx)
-    point = {k: v for k, v in _single_point(ctx.config, spec).items()
-             if k in ("epochs", "lr") + spec.params}
-    return spec.train(job, point, lambda e, m: None, progress or ctx.progress)
+
+    def train(name: str, progress):
+        spec = REGISTRY[name]
+        for d in spec.needs:
+            if d not in job.models:
+                job.models[d], _ = train(d, lambda f: None)
+        _refuse_unavailable(spec, job)
+        return spec.train(job, _single_point(ctx.config, spec), lambda e, m: None, progress)
+
+    return train(method, progress or ctx.progress)
+
+
+def _refuse_unavailable(spec, job) -> None:
+    from .methods import MethodUnavailable
+
+    reason = spec.unavailable(job) if spec.unavailable is not None else None
+    if reason is not None:
+        raise MethodUnavailable(spec.name, reason)
 
 
 def _selection_setup(ctx: "StageContext"):
@@ -237,19 +257,25 @@ def _selection_setup(ctx: "StageContext"):
     return job, judge, judge.score(job.original)
 
 
-def _selected(ctx: "StageContext", job, judge, original: dict, method: str, models: dict,
-              progress=None):
+def _selected(ctx: "StageContext", job, judge, original: dict, method: str, progress=None):
     """``method``'s model chosen from its grid, from state/ when an earlier run (the tune stage,
-    a killed compare) left it there."""
-    from .methods import REGISTRY
+    a killed compare) left it there. The methods it is made from (``needs``) are chosen first
+    when ``job.models`` does not hold them yet."""
+    from .methods import load_plugins
     from .selection import select_method
 
+    REGISTRY = load_plugins()
     weights = ctx.path("state", f"method_{method}.safetensors")
     meta = ctx.path("state", f"method_{method}.json")
     if weights.exists() and meta.exists():
         return _load_into(job.original, weights), json.loads(meta.read_text())
-    t0 = time.perf_counter()
     spec = REGISTRY[method]
+    models = job.models
+    for d in spec.needs:  # a method made from another: that one chosen first (kept in state/)
+        if d not in models:
+            models[d], _ = _selected(ctx, job, judge, original, d)
+    _refuse_unavailable(spec, job)
+    t0 = time.perf_counter()
     if spec.train is None:  # weight_noise: from DARE's chosen model, no data and no grid
         from .controls import weight_noise_like
 
@@ -268,14 +294,13 @@ def _selected(ctx: "StageContext", job, judge, original: dict, method: str, mode
 
 
 def _tune(ctx: "StageContext") -> dict:
-    from .config import AT_METHODS
     from .selection import selects
 
     method = "dare" if ctx.config.method == "auto" else ctx.config.method
-    if selects(ctx.config) or method in AT_METHODS:
+    if selects(ctx.config):
         # chosen from its grid on the selection split, as compare chooses every method
         job, judge, original = _selection_setup(ctx)
-        tuned, info = _selected(ctx, job, judge, original, method, {})
+        tuned, info = _selected(ctx, job, judge, original, method)
     else:
         tuned, info = harden(ctx, method)
     _save_state(tuned, ctx.path("state", "tuned.safetensors"))
@@ -295,9 +320,8 @@ def _compare(ctx: "StageContext") -> dict:
     job, judge, original = _selection_setup(ctx)
     auto = cfg.method == "auto"
     tuned_method = "dare" if auto else cfg.method
-    names = compared(cfg)
-    if not auto and tuned_method not in names:
-        names.insert(0, tuned_method)  # the shipped model is always in its report's comparison
+    # the shipped model is always in its report's comparison
+    names = compared(cfg, first=() if auto else (tuned_method,))
     ev_cfg = cfg.evaluation
     final_attack = ("autoattack" if "autoattack" in ev_cfg.attacks and ev_cfg.protocol == "fixed_eps"
                     else "pgd")
@@ -328,20 +352,26 @@ def _compare(ctx: "StageContext") -> dict:
         names = order(names, {m: sum(e.values()) for m, e in estimates.items()},
                       {m: REGISTRY[m].needs for m in names})
 
-    models, infos, skipped = {}, {}, {}
+    # every method compare does not run, with why: {"reason": a stable code, "detail": words}
+    models, infos, skipped = job.models, {}, {}
     for i, m in enumerate(names):
         spec = REGISTRY[m]
+        why = spec.unavailable(job) if spec.unavailable is not None else None
+        if why is not None:
+            skipped[m] = {"reason": "method_unavailable", "detail": why}
+            continue
         missing = [d for d in spec.needs if d not in models]
         if missing:
-            skipped[m] = {"reason": f"needs {', '.join(missing)}, which did not run"}
+            skipped[m] = {"reason": "needs_skipped",
+                          "detail": f"made from {', '.join(missing)}, which did not run"}
             continue
         est = estimates.get(m)
         if est is not None and not budget.fits(est["train_s"] + est["scoring_s"], est["after_s"]):
             left = budget.limit - budget.elapsed() - budget.reserved
-            skipped[m] = {"reason": "does not fit in budget_minutes",
+            skipped[m] = {"reason": "time_budget", "detail": "does not fit in budget_minutes",
                           "estimate_s": round(sum(est.values()), 3), "left_s": round(left, 3)}
             continue
-        models[m], infos[m] = _selected(ctx, job, judge, original, m, models,
+        models[m], infos[m] = _selected(ctx, job, judge, original, m,
                                         progress=lambda f, i=i: ctx.progress(0.5 * (i + f) / len(names)))
         if est is not None:
             budget.reserve(est["after_s"])
@@ -382,7 +412,7 @@ def _compare(ctx: "StageContext") -> dict:
             from .errors import InputError
 
             raise InputError("no_method_ran", "auto had no method to choose from: "
-                             + "; ".join(f"{k}: {v['reason']}" for k, v in skipped.items()),
+                             + "; ".join(f"{k}: {v['detail']}" for k, v in skipped.items()),
                              "raise budget_minutes or list cheaper methods in selection.methods")
         chosen = outcome["chosen"]
     else:
@@ -405,7 +435,7 @@ def _compare(ctx: "StageContext") -> dict:
         "rule": RULE.format(attack="AutoAttack" if final_attack == "autoattack" else "PGD"),
         "clean_drop_limit": cfg.clean_drop_limit, "on_budget_miss": cfg.on_budget_miss,
         "original": orig_row, "methods": rows, "outcome": outcome,
-        "recommended": recommended, "chosen": chosen, "skipped": skipped,
+        "recommended": recommended, "chosen": chosen,
         "budget_minutes": cfg.budget_minutes, "elapsed_s": budget.elapsed(),
         "order": names if budget.limit is not None else None}
     ctx.path("state", "evaluation.json").write_text(json.dumps(ev))
@@ -472,7 +502,8 @@ def _evaluate(ctx: "StageContext") -> dict:
                 "mined_per_class": mi.get("mined_per_class"),
                 **{k: mi[k] for k in ("pool", "baseline_samples") if k in mi}},
         comparison=comparison,
-        selection=done["compare"]["summary"].get("selection") if "compare" in done else None)
+        selection=done["compare"]["summary"].get("selection") if "compare" in done else None,
+        skipped=done["compare"]["summary"].get("skipped") if "compare" in done else None)
     write_report(report, ctx.path("artifacts"))
     ca = report["clean_accuracy"]
     return {"method": method, "clean_accuracy": ca,
