@@ -33,6 +33,7 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 class StageStatus(str, Enum):
     queued = "queued"
     running = "running"
+    waiting = "waiting"  # a fanned-out stage (compare) while its parts run as their own messages
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"

@@ -25,6 +25,13 @@ def stage_task_name(stage: str) -> str:
     return STAGE_TASK_PREFIX + stage
 
 
+def stage_message(job_id: str, name: str) -> tuple[str, list[str]]:
+    """``(task name, args)`` of the message for run ``name``: a stage (``[job_id]``) or one
+    method of a fanned-out stage, ``compare:<method>`` (``[job_id, method]`` to the stage's task)."""
+    stage, _, method = name.partition(":")
+    return stage_task_name(stage), [job_id, method] if method else [job_id]
+
+
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_is_filesystem:
         d = settings.broker_dir

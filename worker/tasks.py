@@ -14,7 +14,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from worker.celery_app import app, stage_task_name
+from worker.celery_app import app, stage_message, stage_task_name
 
 log = logging.getLogger("dare.tasks")
 
@@ -46,8 +46,9 @@ def warm() -> None:
         log.warning("could not reach the database while warming up", exc_info=True)
 
 
-def enqueue(job_id: str, stage: str) -> None:
-    app.send_task(stage_task_name(stage), args=[job_id], queue=pipeline().settings.queue)
+def enqueue(job_id: str, name: str) -> None:
+    task, args = stage_message(job_id, name)
+    app.send_task(task, args=args, queue=pipeline().settings.queue)
 
 
 class StageTask(Task):
@@ -56,32 +57,33 @@ class StageTask(Task):
 
     stage: str = ""
 
-    def run_stage(self, job_id: str) -> None:
-        nxt = pipeline().run(job_id, self.stage, task_id=self.request.id)
-        if nxt is None:
-            return
-        try:
-            enqueue(job_id, nxt)  # after Pipeline.run committed
-        except Exception as e:
-            # The stage succeeded and is recorded: failing the job now would be wrong. The next
-            # stage stays queued in the database and the reconciler sends it after
-            # DARE_REQUEUE_AFTER_S.
-            log.error("job %s: could not send stage %s (%s); the reconciler will", job_id, nxt, e)
+    def run_stage(self, job_id: str, method: str | None = None) -> None:
+        name = f"{self.stage}:{method}" if method else self.stage
+        for nxt in pipeline().step(job_id, name, task_id=self.request.id):
+            try:
+                enqueue(job_id, nxt)  # after Pipeline.step committed
+            except Exception as e:
+                # The step succeeded and is recorded: failing the job now would be wrong. What
+                # it released stays queued in the database and the reconciler sends it after
+                # DARE_REQUEUE_AFTER_S.
+                log.error("job %s: could not send %s (%s); the reconciler will", job_id, nxt, e)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
         # Pipeline.run handles the stage's own errors; this sees what escaped it, and the hard
         # time limit, which the worker's main process reports after killing the child.
         job_id = args[0] if args else kwargs.get("job_id")
+        method = args[1] if len(args) > 1 else kwargs.get("method")
+        name = f"{self.stage}:{method}" if method else self.stage
         if job_id is None or isinstance(exc, WorkerLostError):
             return  # a lost worker's message is re-queued (reject_on_worker_lost): let it retry
         if isinstance(exc, TimeLimitExceeded):
-            code, msg = "stage_timeout", (f"the {self.stage} stage was killed at the hard time "
+            code, msg = "stage_timeout", (f"the {name} stage was killed at the hard time "
                                           "limit; use a smaller config or raise "
                                           "DARE_STAGE_HARD_TIME_LIMIT_S")
         else:
-            code, msg = "internal_error", f"the {self.stage} stage failed unexpectedly (job {job_id})"
+            code, msg = "internal_error", f"the {name} stage failed unexpectedly (job {job_id})"
         try:
-            pipeline().fail(job_id, self.stage, code, msg)
+            pipeline().fail(job_id, name, code, msg)
         except Exception:
             log.exception("job %s: could not record the failure", job_id)
 
@@ -120,6 +122,8 @@ def evaluate(self: StageTask, job_id: str) -> None:
 
 
 @app.task(name=stage_task_name("compare"), stage="compare", **_OPTS)
-def compare(self: StageTask, job_id: str) -> None:
-    self.run_stage(job_id)
+def compare(self: StageTask, job_id: str, method: str | None = None) -> None:
+    """Without ``method``: compare's plan (which sends every method), later its choice and
+    evaluation; with it: that one method, on whichever worker takes the message."""
+    self.run_stage(job_id, method)
 

@@ -34,10 +34,12 @@ class CeleryDispatcher:
         return self._app
 
     def enqueue(self, job_id: str, stage: str) -> None:
-        from worker.celery_app import stage_task_name
+        """``stage``: a stage, or one method of a fanned-out one (``compare:<method>``)."""
+        from worker.celery_app import stage_message
 
+        task, args = stage_message(job_id, stage)
         # A few quick retries: a down broker fails the request in about a second, not a hang.
-        self.app.send_task(stage_task_name(stage), args=[job_id], queue=self.settings.queue,
+        self.app.send_task(task, args=args, queue=self.settings.queue,
                            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
                                                      "interval_step": 0.5, "interval_max": 1.0})
 

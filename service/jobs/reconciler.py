@@ -14,6 +14,9 @@ stall with no message left to move it, and what :func:`reconcile_once` does abou
 - it was cancelled while its worker died: ``cancelling`` with an expired lease becomes
   ``cancelled`` here, since no worker will come back to say so.
 
+A fanned-out stage (``compare`` while ``waiting``) is looked at through its methods' rows: each
+is one of the runs above, so a method whose worker died is re-sent alone, and the others go on.
+
 Each pass also applies retention (``service.jobs.retention``): finished jobs older than
 ``DARE_RETENTION_DAYS`` lose their stored inputs and artifacts (counted as ``expired``).
 
@@ -30,6 +33,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -74,13 +78,12 @@ def reconcile_once(settings: Settings, factory: sessionmaker[Session], dispatche
             log.exception("reconciling job %s failed", jid)
             counts["errors"] += 1
             continue
-        if resend is None:
-            continue
-        try:
-            dispatcher.enqueue(str(jid), resend)  # after the commit, like every send
-        except Exception as e:  # the event is recorded: the next pass after requeue_after_s retries
-            log.warning("job %s: re-sending %s failed: %s", jid, resend, e)
-            counts["send_errors"] += 1
+        for name in resend:
+            try:
+                dispatcher.enqueue(str(jid), name)  # after the commit, like every send
+            except Exception as e:  # the event is recorded: the next pass retries
+                log.warning("job %s: re-sending %s failed: %s", jid, name, e)
+                counts["send_errors"] += 1
     try:
         counts["expired"] += expire_finished(settings, factory, pipeline.store, now)
     except Exception:  # retention is housekeeping: the next pass tries again
@@ -93,69 +96,100 @@ def reconcile_once(settings: Settings, factory: sessionmaker[Session], dispatche
 
 
 def _reconcile_job(p: Pipeline, jid: uuid.UUID, now: datetime, waiting: set[tuple[str, str]] | None,
-                   counts: Counter[str]) -> str | None:
-    """Decide for one job under its row lock; return the stage to re-send (after commit)."""
+                   counts: Counter[str]) -> list[str]:
+    """Decide for one job under its row lock; return the runs to re-send (after commit)."""
     st = p.settings
-    stale = timedelta(seconds=st.stage_stale_after_s)
-    patience = timedelta(seconds=st.requeue_after_s)
     with p.transaction() as s:
         job = s.scalars(select(Job).where(Job.id == jid).with_for_update(skip_locked=True)
                         .execution_options(populate_existing=True)).one_or_none()
         if job is None or JobStatus(job.status) not in ACTIVE:
-            return None  # gone, finished meanwhile, or locked by a worker's claim right now
-        status = JobStatus(job.status)
+            return []  # gone, finished meanwhile, or locked by a worker's claim right now
         runs = list(s.scalars(select(StageRun).where(StageRun.job_id == jid)
-                              .order_by(StageRun.index)))
-        current = runs[-1] if runs else None
+                              .order_by(StageRun.index, StageRun.id)))
+        stages = [r for r in runs if ":" not in r.name]
+        current = stages[-1] if stages else None
         if current is None:  # never claimed: the first message is the one to look for
-            stage, since, expired = job.stages[0], job.created_at, False
-        elif current.status is StageStatus.running:
-            beat = current.heartbeat_at or current.started_at or job.updated_at
-            if now - beat < stale:
-                return None  # a live worker holds the lease
-            stage, since, expired = current.name, beat, True
-        elif current.status is StageStatus.queued:
-            prev = runs[-2] if len(runs) > 1 else None
-            stage, expired = current.name, False
-            since = (prev.finished_at if prev is not None and prev.finished_at else job.created_at)
-        else:  # succeeded/failed/cancelled while the job is active: the worker is mid-commit
-            return None
+            pending = [_Pending(job.stages[0], job.created_at, False, 0)]
+        elif current.status is StageStatus.waiting:  # fanned out: its methods are the runs
+            parts = [r for r in runs if r.name.startswith(current.name + ":")]
+            pending = [x for r in parts
+                       if (x := _pending(r, current.finished_at or job.updated_at, now, st))]
+            live = sum(r.status is StageStatus.running for r in parts) - \
+                sum(x.expired for x in pending)
+            if live and JobStatus(job.status) is JobStatus.cancelling:
+                return []  # a live worker ends the job at its next cancel poll
+        else:
+            prev = stages[-2] if len(stages) > 1 else None
+            x = _pending(current, prev.finished_at if prev is not None and prev.finished_at
+                         else job.created_at, now, st)
+            if x is None:
+                return []
+            pending = [x]
+        if not pending:
+            return []
 
-        if status is JobStatus.cancelling:
-            # Nobody is running it (lease gone) or it waits unclaimed: no worker will end it.
-            if expired or current is None or current.status is StageStatus.queued:
-                p.cancel_locked(s, job, stage)
-                counts["cancelled"] += 1
-            return None
-        if expired and current is not None and current.attempts >= st.stage_max_attempts:
-            p.fail_locked(s, job, stage, "stage_attempts_exhausted",
-                           f"the {stage} stage was started {current.attempts} times and its worker "
-                           "was lost each time (out of memory, killed, or its machine went away); "
-                           "use a smaller config or a bigger worker, then submit the job again")
-            counts["failed"] += 1
-            return None
-        if not expired:
-            if now - since < patience:
-                return None  # its message may simply be waiting its turn
-            if waiting is not None and (str(jid), stage) in waiting:
-                return None  # it is: a long queue, not a lost message
+        if JobStatus(job.status) is JobStatus.cancelling:
+            # Nobody runs it (every lease gone) or it waits unclaimed: no worker will end it.
+            p.cancel_locked(s, job, pending[0].name)
+            counts["cancelled"] += 1
+            return []
+        out = []
         requeued = (JobEvent.job_id == jid) & (JobEvent.kind == "requeued")
         last = s.scalar(select(func.max(JobEvent.at)).where(requeued))
-        # Re-sent already and still stuck (no worker up, or one slow to start): back off,
-        # doubling the wait each time, so an hour without workers adds a handful of copies.
-        n = s.scalar(select(func.count()).select_from(JobEvent)
-                     .where(requeued, JobEvent.stage == stage, JobEvent.at >= since)) or 0
-        wait = patience * 2 ** min(max(n - 1, 0), MAX_BACKOFF_DOUBLINGS)
-        if last is not None and now - last < wait:
-            counts["throttled"] += 1
+        patience = timedelta(seconds=st.requeue_after_s)
+        for run in pending:
+            if run.expired and run.attempts >= st.stage_max_attempts:
+                p.fail_locked(s, job, run.name, "stage_attempts_exhausted",
+                              f"the {run.name} stage was started {run.attempts} times and its "
+                              "worker was lost each time (out of memory, killed, or its machine "
+                              "went away); use a smaller config or a bigger worker, then submit "
+                              "the job again")
+                counts["failed"] += 1
+                return []
+            if not run.expired:
+                if now - run.since < patience:
+                    continue  # its message may simply be waiting its turn
+                if waiting is not None and (str(jid), run.name) in waiting:
+                    continue  # it is: a long queue, not a lost message
+            # Re-sent already and still stuck (no worker up, or one slow to start): back off,
+            # doubling the wait each time, so an hour without workers adds a handful of copies.
+            n = s.scalar(select(func.count()).select_from(JobEvent)
+                         .where(requeued, JobEvent.stage == run.name, JobEvent.at >= run.since)) or 0
+            wait = patience * 2 ** min(max(n - 1, 0), MAX_BACKOFF_DOUBLINGS)
+            if last is not None and now - last < wait:
+                counts["throttled"] += 1
+                continue
+            reason = "lease_expired" if run.expired else "not_picked_up"
+            jobs.add_event(s, jid, "requeued", run.name,
+                           {"reason": reason, "since": run.since.isoformat(),
+                            "attempts": run.attempts})
+            job.updated_at = now
+            counts[reason] += 1
+            out.append(run.name)
+        return out
+
+
+@dataclass
+class _Pending:
+    """A run no live worker holds: its name, since when, whether a lease expired, attempts."""
+    name: str
+    since: datetime
+    expired: bool
+    attempts: int
+
+
+def _pending(run: StageRun, queued_since: datetime, now: datetime,
+             st: Settings) -> _Pending | None:
+    """``run`` as something to re-send, or None while a live worker holds it (or it ended)."""
+    if run.status is StageStatus.running:
+        beat = run.heartbeat_at or run.started_at or queued_since
+        if now - beat < timedelta(seconds=st.stage_stale_after_s):
             return None
-        reason = "lease_expired" if expired else "not_picked_up"
-        jobs.add_event(s, jid, "requeued", stage,
-                       {"reason": reason, "since": since.isoformat(),
-                        "attempts": current.attempts if current is not None else 0})
-        job.updated_at = now
-        counts[reason] += 1
-        return stage
+        return _Pending(run.name, beat, True, run.attempts)
+    if run.status is StageStatus.queued:
+        # compare, queued again by its last method, waits since then (its finished_at)
+        return _Pending(run.name, run.finished_at or queued_since, False, run.attempts)
+    return None  # succeeded/failed/cancelled while the job is active: the worker is mid-commit
 
 
 # --- what the broker still holds -------------------------------------------------------------
@@ -213,6 +247,7 @@ def _parse(raw: bytes | str) -> tuple[str, str] | None:
         if (msg.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        return str(args[0]), task[len(STAGE_TASK_PREFIX):]
+        stage = task[len(STAGE_TASK_PREFIX):]
+        return str(args[0]), f"{stage}:{args[1]}" if len(args) > 1 else stage
     except (ValueError, KeyError, IndexError, TypeError):
         return None

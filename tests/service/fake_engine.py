@@ -8,6 +8,12 @@ raises a bug in ``slice``, SLOW_SEED makes every stage take ~SLOW_SECONDS (DARE_
 overrides it; DARE_FAKE_SLOW_STAGES=a,b limits it to those stages), CRASH_SEED kills the worker process in the middle of ``slice`` once, and
 KILL_ALWAYS_SEED kills the worker's whole process group (main process and pool) in the middle of
 ``slice`` every time (both only where DARE_FAKE_ALLOW_CRASH=1).
+
+``compare`` fans out as the engine's does: ``compare.plan`` names the methods (the config's
+``selection.methods``, else FAKE_METHODS; weight_noise is made from dare), ``compare:<method>``
+runs one (METHOD_SECONDS each for a SLOW_METHODS_SEED job, DARE_FAKE_METHOD_SECONDS overrides)
+and leaves state/method_<m>.json saying which process ran it, and ``compare`` runs whatever is
+left in order and summarises them: the same result whichever worker ran which method.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 
 from worker.engine.errors import Cancelled, InputError
@@ -25,13 +32,61 @@ SLOW_SEED = 1003
 SLOW_SECONDS = 20.0
 CRASH_SEED = 1004
 KILL_ALWAYS_SEED = 1005
+SLOW_METHODS_SEED = 1006
+METHOD_SECONDS = 2.0
+FAKE_METHODS = ["dare", "at_fgsm", "at_pgd_online", "weight_noise"]
+FAKE_NEEDS = {"weight_noise": ["dare"]}
 SECRET = "s3cr3t-internal-detail"
 
 CALLS: list[str] = []  # in-process tests count real (not skipped) runs
 
 
+def _write(path, obj) -> None:  # noqa: ANN001
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def _plan(ctx) -> dict:  # noqa: ANN001
+    path = ctx.workdir / "state" / "compare.plan.json"
+    if not path.exists():
+        methods = list(ctx.config.selection.methods or FAKE_METHODS)
+        plan = {"methods": methods,
+                "needs": {m: [d for d in FAKE_NEEDS.get(m, []) if d in methods] for m in methods}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, plan)
+    return json.loads(path.read_text())
+
+
+def _method(m: str, ctx) -> dict:  # noqa: ANN001
+    path = ctx.workdir / "state" / f"method_{m}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    CALLS.append(f"compare:{m}")
+    plan = _plan(ctx)
+    missing = [d for d in plan["needs"][m] if not (path.parent / f"method_{d}.json").exists()]
+    if missing:
+        raise RuntimeError(f"{m} ran before {missing}, which it is made from")
+    seconds = float(os.environ.get("DARE_FAKE_METHOD_SECONDS", METHOD_SECONDS)) \
+        if ctx.config.seed == SLOW_METHODS_SEED else 0.05
+    steps = 20
+    for i in range(steps):
+        if ctx.cancelled():
+            raise Cancelled()
+        time.sleep(seconds / steps)
+        ctx.progress((i + 1) / steps)
+    result = {"method": m, "worker": f"{socket.gethostname()}/{os.getpid()}"}
+    _write(path, result)
+    return result
+
+
 def run_stage(name: str, ctx) -> dict:  # noqa: ANN001
     state = ctx.workdir / "state"
+    if name == "compare.plan":
+        CALLS.append(name)
+        return _plan(ctx)
+    if name.startswith("compare:"):
+        return _method(name.partition(":")[2], ctx)
     done = state / f"{name}.done.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -83,6 +138,8 @@ def run_stage(name: str, ctx) -> dict:  # noqa: ANN001
         (art / "report.json").write_text(json.dumps(report))
         (art / "report.html").write_text("<html><body>report</body></html>")
     summary = {"stage": name, "device": ctx.device}
+    if name == "compare":  # every method not yet run runs here, in order (the in-process path)
+        summary["methods"] = {m: _method(m, ctx)["worker"] for m in _plan(ctx)["methods"]}
     state.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(summary))
     return summary

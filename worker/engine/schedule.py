@@ -111,9 +111,11 @@ class Budget:
     """Wall-clock bound on the stage: a method starts only if its estimate fits in what is left
     after the end-of-stage scoring already promised to the methods that ran."""
 
-    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.perf_counter,
+                 start: float | None = None) -> None:
         self.limit = None if minutes is None else 60.0 * minutes
-        self.clock, self.start, self.reserved = clock, clock(), 0.0
+        self.clock, self.reserved = clock, 0.0
+        self.start = clock() if start is None else start
 
     def elapsed(self) -> float:
         return self.clock() - self.start
