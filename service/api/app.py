@@ -21,6 +21,7 @@ from service.api.errors import problem_response
 from service.api.idempotency import IdempotencyKeyReused
 from service.api.inspector_pool import inspector_for
 from service.api.open_mode_guard import OpenModeGuard
+from service.api.polled_reads import PolledReads
 from service.api.quotas import RETRY_AFTER_S, TooManyActiveJobs
 from service.api.routes import health, jobs
 from service.api.routes import metrics as metrics_route
@@ -80,6 +81,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             check_schema(engine)  # refuses to serve on an old schema; the message says what to run
         staging.sweep(settings.upload_tmp_dir)  # what a crash left: nothing else owns it now
         background.start()
+        if ctx.reads is not None:
+            ctx.reads.open()  # its connections belong to this event loop
         if app.state.inspector is not None:  # None with DARE_SUBMIT_INSPECTION=off
             app.state.inspector.start()  # its fork server imports torch meanwhile
         # What start-up built (modules, FastAPI's routes and models, SQLAlchemy's tables:
@@ -91,6 +94,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         if app.state.inspector is not None:
             app.state.inspector.stop()
         background.stop()
+        if ctx.reads is not None:
+            await ctx.reads.close()
         engine.dispose()
         if engine.dialect.name == "sqlite":  # its read engine has a pool of its own
             ctx.read_engine.dispose()
@@ -98,6 +103,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app = FastAPI(title="DARE hardening service", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.ctx = ctx
+    # Innermost of the three: the polled reads it answers get request ids and open-mode checks.
+    app.add_middleware(PolledReads, ctx=ctx)
     if settings.auth == "open":  # no keys: refuse what a web page could send (CSRF, rebinding)
         app.add_middleware(OpenModeGuard)
     app.add_middleware(logs.RequestContextMiddleware)  # request_id/job_id on every log line

@@ -6,8 +6,8 @@ that takes a ``JobDep`` is tenant-scoped without saying so.
 
 Reads are kept cheap: a key checked in the last ``auth.KEY_CACHE_TTL_S`` seconds costs no query
 (``AppContext.principals``), dependencies that do no I/O are ``async`` (a sync one is a trip
-through the threadpool), and ``AppContext.read_engine`` gives Core connections without a
-transaction on PostgreSQL (no BEGIN/ROLLBACK round trips) for the polled reads.
+through the threadpool), and the polled reads use connections of their own:
+``AppContext.reads`` (async, autocommit) on PostgreSQL, ``AppContext.read_engine`` on SQLite.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from service.api.errors import ProblemError
 from service.jobs.dispatch import Dispatcher
 from service.jobs.records import JobNotFound, get_job
 from service.settings import Settings
+from service.store.aio_pool import AsyncPool
 from service.store.models import Job
 from service.store.storage import ArtifactStore
 
@@ -46,16 +47,18 @@ class AppContext:
     dispatcher: Dispatcher
     principals: PrincipalCache = field(default_factory=PrincipalCache)
     read_engine: Engine = field(init=False)
+    reads: AsyncPool | None = field(init=False, default=None)  # opened and closed by the lifespan
 
     def __post_init__(self) -> None:
-        # PostgreSQL: autocommit connections for reads that are one statement (a snapshot by
-        # themselves), so psycopg sends neither BEGIN nor, when the connection goes back to
-        # the pool, ROLLBACK. SQLite: an engine of its own without service.store.db's BEGIN IMMEDIATE,
-        # so these plain reads never queue for the write lock behind submissions (WAL lets
-        # them read while another connection writes); 30 submissions in flight made a GET
-        # /v1/jobs wait 2.6 s for the lock.
+        # PostgreSQL: async autocommit connections for reads that are one statement (a
+        # snapshot by themselves: no BEGIN, no ROLLBACK), used on the event loop without a
+        # trip through the threadpool (service.jobs.pg_json). SQLite: an engine of its own
+        # without service.store.db's BEGIN IMMEDIATE, so these plain reads never queue for the
+        # write lock behind submissions (WAL lets them read while another connection writes);
+        # 30 submissions in flight made a GET /v1/jobs wait 2.6 s for the lock.
         if self.engine.dialect.name == "postgresql":
-            self.read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            self.read_engine = self.engine
+            self.reads = AsyncPool.for_engine(self.engine)
         elif self.engine.dialect.name == "sqlite":
             from service.store.db import make_engine
 

@@ -15,14 +15,14 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
 from dare_client.schemas import ArtifactRead, EventRead, JobRead
 from pydantic_core import to_json
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Connection, and_, bindparam, or_, select, update
+from sqlalchemy.orm import Session
 
 from service.jobs import webhooks
 from service.jobs.urls import job_urls
@@ -146,7 +146,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 # (its few inputs joined), a page is two whatever its size (the jobs, then their inputs: a join
 # would repeat, and decode again, each job's JSON columns per input). Inputs are in id order,
 # like Job.inputs; they are written with their job and never change, so the second statement
-# sees exactly the page's.
+# sees exactly the page's. The API uses these on SQLite; on PostgreSQL the database writes the
+# JSON itself (service.jobs.pg_json), and tests compare the two.
 _J, _I = Job.__table__, JobInput.__table__
 _VIEW_COLUMNS = ("id", "status", "stages", "stage_name", "stage_index", "stage_progress",
                  "progress", "created_at", "started_at", "finished_at", "error_code",
@@ -172,70 +173,30 @@ _READ_ONE = (select(*(_J.c[c] for c in _VIEW_COLUMNS), *_INPUT_COLUMNS)
              .where(_J.c.id == bindparam("job_id"), _J.c.tenant_id == bindparam("tenant_id"))
              .order_by(_I.c.id))
 _N = len(_VIEW_COLUMNS)
+_PAGE_INPUTS = (select(_I.c.job_id, *_INPUT_COLUMNS)
+                .where(_I.c.job_id.in_(bindparam("job_ids", expanding=True))).order_by(_I.c.id))
 
 
-def _page_inputs(pg: bool):  # noqa: ANN202 (a Select)
-    ids = bindparam("job_ids", expanding=not pg)
-    where = _I.c.job_id == func.any(ids) if pg else _I.c.job_id.in_(ids)
-    return select(_I.c.job_id, *_INPUT_COLUMNS).where(where).order_by(_I.c.id)
-
-
-_PAGE_INPUTS = {False: _page_inputs(False), True: _page_inputs(True)}
-
-
-def _rows(conn: Connection | Session, stmt: Any, params: dict[str, Any]) -> list[tuple]:  # noqa: ANN401
-    """The statement's rows as tuples in its column order. On PostgreSQL the statement's SQL,
-    compiled once, goes straight to psycopg on the connection SQLAlchemy checked out: for these
-    small reads SQLAlchemy's per-execution bookkeeping cost more CPU than psycopg itself (the
-    values are then made what the ORM types would give: JobStatus, UTC datetimes)."""
-    if not _is_pg(conn):
-        return [tuple(r) for r in conn.execute(stmt, params).all()]
-    dbapi = conn.connection.driver_connection
-    with dbapi.cursor() as cur:
-        cur.execute(_pg_sql(stmt, conn.dialect), params)
-        return cur.fetchall()
-
-
-def _is_pg(conn: Connection | Session) -> bool:
-    return isinstance(conn, Connection) and conn.dialect.name == "postgresql"
-
-
-@functools.cache
-def _pg_sql(stmt: Any, dialect: Any) -> str:  # noqa: ANN401
-    return str(stmt.compile(dialect=dialect))
-
-
-_STATUS, _TIMES = _VIEW_COLUMNS.index("status"), [
-    _VIEW_COLUMNS.index(c) for c in ("created_at", "started_at", "finished_at")]
-
-
-def _job_view(row: tuple, pg: bool) -> JobView:
-    values = list(row[:_N])
-    if pg:  # what JobStatus's Enum and UTCDateTime do on the SQLAlchemy path
-        values[_STATUS] = JobStatus(values[_STATUS])
-        for i in _TIMES:
-            if values[i] is not None:
-                values[i] = values[i].astimezone(timezone.utc)
-    return JobView(**dict(zip(_VIEW_COLUMNS, values)), inputs=[])
+def _job_view(row: Sequence[Any]) -> JobView:
+    return JobView(**dict(zip(_VIEW_COLUMNS, row[:_N])), inputs=[])
 
 
 def read_job(conn: Connection | Session, job_id: uuid.UUID, *, tenant_id: uuid.UUID) -> JobView:
-    rows = _rows(conn, _READ_ONE, {"job_id": job_id, "tenant_id": tenant_id})
+    rows = conn.execute(_READ_ONE, {"job_id": job_id, "tenant_id": tenant_id}).all()
     if not rows:
         raise JobNotFound(job_id)
-    view = _job_view(rows[0], _is_pg(conn))
+    view = _job_view(rows[0])
     view.inputs = [InputView(*row[_N:]) for row in rows if row[_N] is not None]
     return view
 
 
 @functools.cache
-def _page_statement(by_status: bool, after_cursor: bool, pg: bool = False):  # noqa: ANN202
-    """The page query for one combination of filters (four in all, per dialect), built once:
-    building a statement and computing its cache key costs more than running it."""
+def _page_statement(by_status: bool, after_cursor: bool):  # noqa: ANN202
+    """The page query for one combination of filters (four in all), built once: building a
+    statement and computing its cache key costs more than running it."""
     stmt = select(*(_J.c[c] for c in _VIEW_COLUMNS)).where(_J.c.tenant_id == bindparam("tenant_id"))
     if by_status:
-        statuses = bindparam("statuses", expanding=not pg)
-        stmt = stmt.where(_J.c.status == func.any(statuses) if pg else _J.c.status.in_(statuses))
+        stmt = stmt.where(_J.c.status.in_(bindparam("statuses", expanding=True)))
     if after_cursor:
         t = bindparam("after_t", type_=_J.c.created_at.type)
         i = bindparam("after_id", type_=_J.c.id.type)
@@ -248,17 +209,16 @@ def list_jobs(conn: Connection | Session, *, tenant_id: uuid.UUID,
               cursor: str | None = None) -> tuple[list[JobView], str | None]:
     """The tenant's jobs, newest first, with their inputs. The cursor is the last row's
     (created_at, id): stable under inserts (index ix_jobs_tenant_id_created_at_id)."""
-    pg = _is_pg(conn)
     params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit + 1}
     if statuses:
-        params["statuses"] = [JobStatus(s).value for s in statuses] if pg else list(statuses)
+        params["statuses"] = list(statuses)
     if cursor:
         params["after_t"], params["after_id"] = decode_cursor(cursor)
-    rows = _rows(conn, _page_statement(bool(statuses), bool(cursor), pg), params)
+    rows = conn.execute(_page_statement(bool(statuses), bool(cursor)), params).all()
     more = len(rows) > limit
-    views = {row[0]: _job_view(row, pg) for row in rows[:limit]}  # id is the first column
+    views = {row[0]: _job_view(row) for row in rows[:limit]}  # id is the first column
     if views:
-        for row in _rows(conn, _PAGE_INPUTS[pg], {"job_ids": list(views)}):
+        for row in conn.execute(_PAGE_INPUTS, {"job_ids": list(views)}).all():
             views[row[0]].inputs.append(InputView(*row[1:]))
     page = list(views.values())
     return page, (encode_cursor(page[-1]) if more and page else None)

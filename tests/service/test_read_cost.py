@@ -1,7 +1,8 @@
 """Reads are cheap, and stay correct: a live key is looked up once per KEY_CACHE_TTL_S, a
 revocation by another process (an operator's `dare keys revoke`) locks the key out within that
-time, the polled reads are one statement each, and a pooled connection whose server went away
-while it idled is replaced, not handed to a request (no ping on every checkout any more)."""
+time, the polled reads are one statement each, whose JSON, written by PostgreSQL, is byte for
+byte what the ORM and pydantic give, and a pooled connection whose server went away while it
+idled is replaced, not handed to a request (no ping on every checkout any more)."""
 from __future__ import annotations
 
 import subprocess
@@ -23,23 +24,26 @@ from .conftest import REPO, dare_cmd, make_key, service_env, submit_files
 @contextmanager
 def statements(engine) -> Iterator[list[str]]:  # noqa: ANN001
     """The SQL sent to PostgreSQL for requests while the block runs, counted at psycopg's
-    cursor (the polled reads bypass SQLAlchemy's execution and its events, see
-    service.jobs.records._rows); the API's own periodic threads, reconciler and webhook sender, are
-    not counted."""
+    cursors, sync and async (the polled reads bypass SQLAlchemy, see service.jobs.pg_json);
+    the API's own periodic threads, reconciler and webhook sender, are not counted."""
     assert engine.dialect.name == "postgresql"
     seen: list[str] = []
-    execute = psycopg.Cursor.execute
+    execute, aexecute = psycopg.Cursor.execute, psycopg.AsyncCursor.execute
 
     def record(self, query, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if not threading.current_thread().name.startswith("background"):
             seen.append(str(query))
         return execute(self, query, *args, **kwargs)
 
-    psycopg.Cursor.execute = record
+    async def arecord(self, query, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        seen.append(str(query))
+        return await aexecute(self, query, *args, **kwargs)
+
+    psycopg.Cursor.execute, psycopg.AsyncCursor.execute = record, arecord
     try:
         yield seen
     finally:
-        psycopg.Cursor.execute = execute
+        psycopg.Cursor.execute, psycopg.AsyncCursor.execute = execute, aexecute
 
 
 def test_a_live_key_is_looked_up_once_then_served_from_the_cache(client):
@@ -51,10 +55,10 @@ def test_a_live_key_is_looked_up_once_then_served_from_the_cache(client):
         for _ in range(3):
             assert client.get("/v1/jobs").status_code == 200
     assert not any("api_keys" in s for s in later), later
-    assert len(later) == 3  # the page itself (no jobs: no inputs to read)
+    assert len(later) == 3  # the page itself
 
 
-def test_a_job_is_one_statement_and_a_page_two_whatever_its_size(client, subject_bytes):
+def test_a_job_is_one_statement_and_a_page_one_whatever_its_size(client, subject_bytes):
     files, data = submit_files(subject_bytes)
     created = [client.post("/v1/jobs", files=files, data=data).json() for _ in range(3)]
     job = created[0]
@@ -65,7 +69,7 @@ def test_a_job_is_one_statement_and_a_page_two_whatever_its_size(client, subject
         listed = client.get("/v1/jobs?limit=5").json()
     with statements(engine) as small_page:
         first = client.get("/v1/jobs?limit=1").json()
-    assert len(one) == 1 and len(page) == 2 and len(small_page) == 2, (one, page, small_page)
+    assert len(one) == 1 and len(page) == 1 and len(small_page) == 1, (one, page, small_page)
     assert got == job  # the same object the submission answered, inputs included
     assert listed["items"] == created[::-1]  # newest first, each with its own inputs
     assert first["items"] == [created[-1]] and first["next_cursor"]

@@ -25,6 +25,7 @@ from service.api.idempotency import KEY_PATTERN
 from service.api.inspection import inspect_submission
 from service.api.submission import submit, validate_form
 from service.api.uploads import receive_form
+from service.jobs import pg_json
 from service.jobs import records as jobs
 from service.jobs.retention import expired_at
 from service.states import JobStatus
@@ -120,10 +121,12 @@ async def create_job(
     return jobs.job_read(done.job)
 
 
-# The two reads clients poll: async routes that make one trip through the threadpool for one
-# or two Core statements (service.jobs.records.read_job / list_jobs) on an autocommit connection
-# (ctx.read_engine), instead of a trip per dependency. The JSON is encoded in that trip too and
-# sent as it is (response_model stays for the OpenAPI schema; FastAPI passes a Response through
+# The two reads clients poll. On PostgreSQL: one statement on an async connection (no trip
+# through the threadpool) that returns the JSON itself (service.jobs.pg_json); the same calls
+# answer most of these requests before they reach this router (service.api.polled_reads).
+# On SQLite: one trip through the threadpool for one or two Core statements
+# (service.jobs.records.read_job / list_jobs) and the encoding. Either way the route sends
+# bytes (response_model stays for the OpenAPI schema; FastAPI passes a Response through
 # without validating or encoding it again).
 @router.get("", response_model=JobList, summary="List jobs, newest first",
             responses=problem_responses(422))
@@ -134,6 +137,11 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> Response:
     ctx: AppContext = request.app.state.ctx  # not CtxDep: one dependency less to solve
+    if ctx.reads is not None:
+        async with ctx.reads.connection() as conn:
+            body = await pg_json.page_body(conn, principal.tenant_id, statuses=status,
+                                           limit=limit, cursor=cursor)
+        return Response(body, media_type="application/json")
 
     def read() -> bytes:
         with ctx.read_engine.connect() as conn:
@@ -149,6 +157,12 @@ async def list_jobs(
 async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) -> Response:
     job_uuid = parse_job_id(job_id)  # another tenant's job is a 404, like a missing one
     ctx: AppContext = request.app.state.ctx
+    if ctx.reads is not None:
+        async with ctx.reads.connection() as conn:
+            body = await pg_json.job_body(conn, job_uuid, principal.tenant_id)
+        if body is None:
+            raise jobs.JobNotFound(job_uuid)
+        return Response(body, media_type="application/json")
 
     def read() -> bytes:
         with ctx.read_engine.connect() as conn:
