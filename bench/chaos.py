@@ -17,11 +17,21 @@ the job runs to its end. Counted, from the service's own records (stage_runs, jo
 - duplicated: a stage completed twice (two stage_finished events), or a stage attempt started
               while the previous attempt's worker was still alive (two workers on one stage).
 
+Then, inside training (``--training``, one job per method): the tune stage of a job whose tuning
+runs many epochs (DARE's masked tuning; a baseline's grid selection) is killed --training-kills
+times at random points while its loops train, and the job is compared with an uninterrupted job
+of the same config. The stage runner traces every checkpoint the loops save and load
+(``worker.engine.resume``), which gives, per kill, the work lost: the completed epochs that the
+next attempt did again (0 when the checkpoint held) plus the part of the epoch that was running
+(its elapsed time over the loop's median epoch time). Each loop checkpoints after every epoch, so
+this must stay below one epoch. "same result" compares the two jobs' hardened.safetensors tensor
+by tensor, bitwise.
+
     python -m bench.chaos --kills-per-stage 2 [--redis URL] [--database URL] [--subject DIR]
 
 --redis names a Redis database this script may FLUSH (default db 7); --database an empty
 PostgreSQL database to use (default: a scratch one on 127.0.0.1, dropped at the end). Writes the
-table to bench/results/chaos.md.
+tables to bench/results/chaos.md.
 """
 from __future__ import annotations
 
@@ -52,6 +62,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "chaos.md"
 # Small enough for two CPU cores, large enough that every stage does real work.
 CONFIG = {"evaluation": {"n_samples": 64, "attacks": ["fgsm", "pgd"]}, "tune": {"epochs": 3}}
+# Jobs whose tune stage trains for a while (about 10 s on one core each), to kill inside epochs.
+TRAINING = {
+    "dare": {"method": "dare", "tune": {"epochs": 40},
+             "evaluation": {"n_samples": 32, "attacks": ["fgsm"]}},
+    "at_pgd_online": {"method": "at_pgd_online", "baselines": {"max_train": 300},
+                      "selection": {"adversarial": {"epochs": [4], "lr": [3e-4, 1e-3]}},
+                      "evaluation": {"n_samples": 32, "attacks": ["fgsm"]}},
+}
 
 
 def slow_run_stage(name: str, ctx: Any) -> dict:
@@ -60,6 +78,8 @@ def slow_run_stage(name: str, ctx: Any) -> dict:
     already (a re-delivery) returns at once, as the real one does."""
     from worker.engine import stages
 
+    if os.environ.get("DARE_CHAOS_TRACE_DIR"):
+        ctx = _traced_context(ctx, Path(os.environ["DARE_CHAOS_TRACE_DIR"]))
     if stages.stage_done(ctx.workdir, name) is None:
         deadline = time.monotonic() + float(os.environ.get("DARE_CHAOS_STAGE_DELAY_S", "3"))
         while time.monotonic() < deadline:
@@ -69,6 +89,61 @@ def slow_run_stage(name: str, ctx: Any) -> dict:
                 raise Cancelled()
             time.sleep(0.1)
     return stages.run_stage(name, ctx)
+
+
+_traced = False
+
+
+def _append(trace_dir: Path, job: str, event: dict) -> None:
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    with (trace_dir / f"{job}.jsonl").open("a") as f:
+        f.write(json.dumps({"t": time.time(), "pid": os.getpid(), **event}) + "\n")
+
+
+def _traced_context(ctx: Any, trace_dir: Path) -> Any:
+    """``ctx`` with its cancel hook (polled before every training batch and attack batch) logged
+    to ``<trace_dir>/<job id>.jsonl``, and every checkpoint a loop saves or loads logged there too
+    (``Resume.save``/``load`` wrapped, once per worker process)."""
+    import dataclasses
+
+    _trace_checkpoints(trace_dir)
+    job, poll = Path(ctx.workdir).name, ctx.cancelled
+
+    def cancelled() -> bool:
+        _append(trace_dir, job, {"op": "poll"})
+        return poll()
+
+    return dataclasses.replace(ctx, cancelled=cancelled)
+
+
+def _trace_checkpoints(trace_dir: Path) -> None:
+    global _traced
+    if _traced:
+        return
+    _traced = True
+    from worker.engine.resume import Resume
+
+    save, load = Resume.save, Resume.load
+
+    def record(self: Resume, op: str, state: dict | None) -> None:
+        parts = self.root.parts
+        if "jobs" not in parts or "resume" not in parts:
+            return
+        _append(trace_dir, parts[parts.index("jobs") + 1],
+                {"op": op, "loop": "/".join(parts[parts.index("resume") + 1:]),
+                 "epoch": None if state is None else state.get("epoch"),
+                 "runs": len(state["runs"]) if state and "runs" in state else None})
+
+    def traced_save(self: Resume, state: dict) -> None:
+        save(self, state)
+        record(self, "save", state)
+
+    def traced_load(self: Resume) -> dict | None:
+        state = load(self)
+        record(self, "load", state)
+        return state
+
+    Resume.save, Resume.load = traced_save, traced_load
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -236,6 +311,161 @@ def audit(factory, out: Outcome, deaths: list[float]) -> None:  # noqa: ANN001
             out.recovery_s.append(min(nxt) - k)
 
 
+# --- kills inside training epochs ---------------------------------------------------------------
+
+@dataclass
+class TrainingOutcome:
+    method: str
+    run: Outcome                      # the killed job (its audit, as for the stage table)
+    ref_job_id: str = ""
+    ref_status: str = "?"
+    same_result: bool | None = None   # hardened weights bitwise equal to the uninterrupted job's
+    lost: list[dict] = field(default_factory=list)  # per landed kill, see work_lost
+    epoch_s: float = float("nan")     # median epoch time of the tune stage's loops
+
+
+def _submit(base: str, subject: Path, config: dict) -> str:
+    with (subject / "model.onnx").open("rb") as m, (subject / "history.zip").open("rb") as h:
+        r = httpx.post(f"{base}/v1/jobs", files={"model": ("model.onnx", m),
+                                                 "history": ("history.zip", h)},
+                       data={"dataset": "digits", "config": json.dumps(config)}, timeout=120)
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def _wait_end(base: str, jid: str, end: float) -> str:
+    status = "?"
+    while time.monotonic() < end:
+        status = _job_status(base, jid)
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    return status
+
+
+def _hardened(base: str, jid: str) -> dict:
+    from safetensors.torch import load
+
+    r = httpx.get(f"{base}/v1/jobs/{jid}/artifacts/hardened.safetensors", timeout=60)
+    r.raise_for_status()
+    return load(r.content)
+
+
+def _trace(trace_dir: Path, jid: str) -> list[dict]:
+    f = trace_dir / f"{jid}.jsonl"
+    if not f.exists():
+        return []
+    return sorted((json.loads(line) for line in f.read_text().splitlines() if line.strip()),
+                  key=lambda e: e["t"])
+
+
+def epochs_of(events: list[dict]) -> dict[str, list[tuple[float, int]]]:
+    """Per loop, ``(seconds, batches)`` of each epoch an attempt trained: from one checkpoint of
+    the loop (its load, or epoch k) to the next (epoch k + 1) in the same process, counting the
+    cancel polls (one per batch) between them."""
+    out: dict[str, list[tuple[float, int]]] = {}
+    prev: dict[int, dict] = {}    # pid -> its last checkpoint event
+    polls: dict[int, int] = {}    # pid -> polls since then
+    for e in events:
+        pid = e["pid"]
+        if e["op"] == "poll":
+            polls[pid] = polls.get(pid, 0) + 1
+            continue
+        p = prev.get(pid)
+        if e["op"] == "save" and e["epoch"] is not None and p is not None \
+                and p["loop"] == e["loop"] and (p["epoch"] or 0) + 1 == e["epoch"]:
+            out.setdefault(e["loop"], []).append((e["t"] - p["t"], polls.get(pid, 0)))
+        prev[pid], polls[pid] = e, 0
+    return out
+
+
+def work_lost(events: list[dict], kill_t: float, prev_kill_t: float) -> dict:
+    """What one kill cost, in epochs: ``whole``, the epochs the killed attempt had checkpointed
+    that the next attempt trained again, and ``partial``, the batches of the running epoch that
+    the killed attempt had started, over the loop's batches per epoch (0 when the kill landed
+    after the loop's last epoch, e.g. in a grid run's validation)."""
+    before = [e for e in events if prev_kill_t < e["t"] < kill_t]
+    after = [e for e in events if e["t"] > kill_t and e["op"] != "poll"]
+    marks = [e for e in before if e["op"] != "poll"]
+    if not marks or not after:
+        return {"whole": 0, "partial": 0.0, "loop": "-"}
+    nxt = [e for e in after if e["pid"] == after[0]["pid"]]
+    saved: dict[str, int] = {}
+    for e in marks:
+        if e["op"] == "save" and e["epoch"] is not None:
+            saved[e["loop"]] = max(saved.get(e["loop"], 0), e["epoch"])
+    resumed: dict[str, int] = {}
+    for e in nxt:
+        if e["op"] == "load":
+            resumed.setdefault(e["loop"], e["epoch"] or 0)
+    whole = sum(max(0, n - resumed[loop]) for loop, n in saved.items() if loop in resumed)
+    last = marks[-1]
+    continued = any(e["op"] == "save" and e["loop"] == last["loop"] and e["epoch"] is not None
+                    for e in nxt)
+    partial = 0.0
+    if continued:
+        started = sum(e["op"] == "poll" and e["t"] > last["t"] for e in before)
+        per_epoch = [b for _, b in epochs_of(events).get(last["loop"], [])]
+        partial = started / statistics.median(per_epoch) if per_epoch else float("nan")
+    return {"whole": whole, "partial": partial, "loop": last["loop"]}
+
+
+def attack_training(base: str, subject: Path, factory, worker: Supervised, method: str,  # noqa: ANN001
+                    kills: int, deadline_s: float, rng: random.Random,
+                    trace_dir: Path) -> TrainingOutcome:
+    """An uninterrupted job of ``TRAINING[method]``, then the same job with ``kills`` kills
+    landed inside its tune stage's training loops; compared and costed."""
+    config = TRAINING[method]
+    ref = _submit(base, subject, config)
+    out = TrainingOutcome(method, Outcome("tune", ""), ref_job_id=ref)
+    out.ref_status = _wait_end(base, ref, time.monotonic() + deadline_s)
+    if out.ref_status != "succeeded":
+        return out
+    ref_events = _trace(trace_dir, ref)
+    marks = [e["t"] for e in ref_events if e["op"] != "poll"]
+    span = marks[-1] - marks[0]  # the tune stage's training loops, uninterrupted
+
+    jid = _submit(base, subject, config)
+    out.run = Outcome("tune", jid)
+    end = time.monotonic() + deadline_s
+    attempt, last_kill = 1, 0.0
+    while len(out.run.kills) < kills and time.monotonic() < end:
+        if _job_status(base, jid) in ("succeeded", "failed", "cancelled"):
+            break
+        run = _run_row(factory, jid, "tune")
+        if run is None or run.status.value != "running" or run.attempts < attempt \
+                or not any(e["t"] > last_kill and e["op"] != "poll"
+                           for e in _trace(trace_dir, jid)):
+            time.sleep(0.05)  # this attempt's loops have not started yet
+            continue
+        time.sleep(rng.uniform(0.1, 0.6) * span / kills)
+        t = worker.kill()
+        after = _run_row(factory, jid, "tune")
+        if after.status.value == "running" and after.attempts == run.attempts:
+            out.run.kills.append(t)
+        else:
+            out.run.missed += 1
+        attempt, last_kill = run.attempts + 1, t
+    out.run.status = _wait_end(base, jid, end)
+    if out.run.status == "succeeded":
+        a, b = _hardened(base, ref), _hardened(base, jid)
+        out.same_result = a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    events = _trace(trace_dir, jid)
+    prev = 0.0
+    for k in out.run.kills:
+        out.lost.append(work_lost(events, k, prev))
+        prev = k
+    times = [t for ep in epochs_of(ref_events).values() for t, _ in ep]
+    out.epoch_s = statistics.median(times) if times else float("nan")
+    return out
+
+
+def torch_equal(a, b) -> bool:  # noqa: ANN001
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage-delay", type=float, default=3.0, help="seconds added to every stage")
     ap.add_argument("--stale-after", type=int, default=4, help="DARE_STAGE_STALE_AFTER_S")
     ap.add_argument("--deadline", type=float, default=600.0, help="per job, seconds")
-    ap.add_argument("--stages", default="validate,slice,mine,tune,export,evaluate")
+    ap.add_argument("--stages", default="validate,slice,mine,tune,export,evaluate",
+                    help="stages to kill at random points ('' for none)")
+    ap.add_argument("--training", default=",".join(TRAINING),
+                    help=f"methods whose tuning is killed inside epochs, of {list(TRAINING)}")
+    ap.add_argument("--training-kills", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -270,19 +504,22 @@ def main(argv: list[str] | None = None) -> int:
             c.execute(text(f'CREATE DATABASE "{scratch_db}"'))
         db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{scratch_db}"
     home = Path(tempfile.mkdtemp(prefix="dare-chaos-"))
+    trace_dir = home / "trace"
     settings = {
         "DARE_STAGE_RUNNER": "bench.chaos:slow_run_stage", "DARE_CHAOS_STAGE_DELAY_S": str(args.stage_delay),
         "DARE_STAGE_STALE_AFTER_S": str(args.stale_after), "DARE_HEARTBEAT_INTERVAL_S": "1",
         "DARE_REQUEUE_AFTER_S": "5", "DARE_RECONCILE_INTERVAL_S": "1",
-        "DARE_STAGE_MAX_ATTEMPTS": str(args.kills_per_stage + 2), "DARE_TORCH_THREADS": "1",
+        "DARE_STAGE_MAX_ATTEMPTS": str(max(args.kills_per_stage, args.training_kills) + 2),
+        "DARE_TORCH_THREADS": "1",
     }
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DARE_")},
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "DARE_HOME": str(home), "DARE_DATABASE_URL": db_url, "DARE_BROKER_URL": args.redis,
-           "DARE_AUTH": "open", **settings}
+           "DARE_AUTH": "open", "DARE_CHAOS_TRACE_DIR": str(trace_dir), **settings}
     log = home / "services.log"
     api = worker = None
     outcomes: list[Outcome] = []
+    trained: list[TrainingOutcome] = []
     t_start = time.monotonic()
     try:
         subprocess.run([*DARE, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=REPO)
@@ -295,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(base, [api], what="the API")
         factory = session_factory(engine_for(db_url))
         rng = random.Random(args.seed)
-        for stage in args.stages.split(","):
+        for stage in filter(None, args.stages.split(",")):
             for _ in range(args.jobs_per_stage):
                 o = attack(base, subject, factory, worker, stage, args.kills_per_stage,
                            args.stage_delay, args.deadline, rng)
@@ -303,6 +540,14 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes.append(o)
                 print(f"{stage:<9} job {o.job_id[:8]}: {o.status}, {len(o.kills)} kills landed, "
                       f"{o.missed} missed, {o.attempts} attempts", flush=True)
+        for method in filter(None, args.training.split(",")):
+            t = attack_training(base, subject, factory, worker, method, args.training_kills,
+                                args.deadline, rng, trace_dir)
+            if t.run.job_id:
+                audit(factory, t.run, worker.deaths)
+            trained.append(t)
+            print(f"training {method}: {t.run.status}, same result {t.same_result}, lost "
+                  f"{[round(x['whole'] + x['partial'], 2) for x in t.lost]} epochs", flush=True)
     finally:
         if worker is not None:
             worker.stop()
@@ -317,11 +562,16 @@ def main(argv: list[str] | None = None) -> int:
                 c.execute(text(f'DROP DATABASE IF EXISTS "{scratch_db}" WITH (FORCE)'))
             admin.dispose()
     table = render(outcomes, args, settings, time.monotonic() - t_start)
+    if trained:
+        table += "\n" + render_training(trained, args)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
-    return 0 if all(o.status == "succeeded" and not o.finished_twice and not o.overlaps
-                    for o in outcomes) else 1
+    ok = all(o.status == "succeeded" and not o.finished_twice and not o.overlaps
+             for o in outcomes + [t.run for t in trained])
+    ok = ok and all(t.same_result and all(x["whole"] + x["partial"] <= 1 for x in t.lost)
+                    for t in trained)
+    return 0 if ok else 1
 
 
 def render(outcomes: list[Outcome], args: argparse.Namespace, settings: dict[str, str],
@@ -330,7 +580,9 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, settings: dict[str
         "# Chaos: SIGKILL of the whole worker inside each stage",
         "",
         f"`python -m bench.chaos --kills-per-stage {args.kills_per_stage} "
-        f"--jobs-per-stage {args.jobs_per_stage}` on {os.cpu_count()} CPUs, "
+        f"--jobs-per-stage {args.jobs_per_stage} --training {args.training} "
+        f"--training-kills {args.training_kills}` on {os.cpu_count()} CPUs (load average "
+        f"{os.getloadavg()[2]:.1f} over the last 15 min at the end), "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall_s:.0f} s in all. Real engine "
         f"(digits, reference LeNet, config `{json.dumps(CONFIG)}`), Redis broker, PostgreSQL, "
         "`dare api` running the reconciler, one worker restarted after each kill.",
@@ -356,6 +608,44 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, settings: dict[str
         "lost = not succeeded within the deadline; duplicated = a stage finished twice, or an "
         "attempt started while the previous attempt's worker was alive. Recovery is dominated by "
         "the lease (`DARE_STAGE_STALE_AFTER_S`) plus the worker's restart.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_training(trained: list[TrainingOutcome], args: argparse.Namespace) -> str:
+    lines = [
+        "## Kills inside training epochs (resume from the last completed epoch)",
+        "",
+        "Same run as above. Per method, an uninterrupted job, then the same job whose tune stage is SIGKILLed at random "
+        "points while its loops train; each kill's work lost is read from the checkpoints the "
+        "loops saved and loaded and the batches they started (traced in the worker): completed "
+        "epochs trained again + the share of the running epoch's batches. Configs: "
+        + "; ".join(f"{t.method} `{json.dumps(TRAINING[t.method])}`" for t in trained) + ".",
+        "",
+        "| method | kills landed | missed | finished | same result as uninterrupted (bitwise) "
+        "| epochs redone per kill (whole + partial) | max lost (epochs) | median epoch (s) "
+        "| attempts | duplicated |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trained:
+        per_kill = ", ".join(f"{x['whole']} + {x['partial']:.2f}" for x in t.lost) or "-"
+        worst = max((x["whole"] + x["partial"] for x in t.lost), default=float("nan"))
+        same = {True: "yes", False: "NO", None: "-"}[t.same_result]
+        cells = [t.method, len(t.run.kills), t.run.missed,
+                 "yes" if t.run.status == "succeeded" else t.run.status, same, per_kill,
+                 f"{worst:.2f}", f"{t.epoch_s:.3f}", t.run.attempts,
+                 "yes" if (t.run.finished_twice or t.run.overlaps) else "no"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += [
+        "",
+        "whole = epochs the killed attempt had checkpointed that the next attempt trained again "
+        "(0: every checkpoint held); partial = batches the killed attempt had started since the "
+        "running loop's last checkpoint over the loop's batches per epoch (0 when the kill came "
+        "after the loop's last epoch). A method's grid selection also keeps its finished "
+        "combinations (their scores and the kept weights), so a kill in combination 2 does not "
+        "repeat combination 1; an epoch that is scored is checkpointed after its scoring (the "
+        "scoring's attack batches count in partial).",
         "",
     ]
     return "\n".join(lines)

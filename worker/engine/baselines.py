@@ -35,6 +35,7 @@ from .evaluation import (
     select_samples,
     set_eval,
 )
+from .resume import Resume, load_epoch, save_epoch
 from .selection import select_run  # the grid rule, shared with compare's selection
 
 ATTACK_BATCH = 250
@@ -53,7 +54,8 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
          batch_size: int, adv_fraction: float = 0.0, adversary=None, weight_decay: float = 0.0,
          seed: int = 0, tick=lambda n: None, cancelled=lambda: False,
          on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None,
-         batch_loss: Callable | None = None, after_step: Callable[[], None] = lambda: None) -> dict:
+         batch_loss: Callable | None = None, after_step: Callable[[], None] = lambda: None,
+         resume: Resume | None = None) -> dict:
     """Fine-tune ``model`` in place with Adam on cross-entropy.
 
     loss = (1 - adv_fraction) * CE(x) + adv_fraction * CE(adversary(idx, x, y)), where
@@ -67,6 +69,11 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
     step, and before stopping on a non-finite loss: AWP takes its weight perturbation back out
     there. ``on_epoch(k, model)`` runs after epoch k (1-based, after that epoch's last
     ``after_step``): the selection scores its epoch snapshots there.
+
+    ``resume`` (``worker.engine.resume``): each epoch is checkpointed there, after its
+    ``on_epoch``, and a re-run continues from the last one, with the same result as an
+    uninterrupted run. The key covers the arguments and the starting weights; the caller's key
+    must cover what the adversary depends on.
     """
     # Exported graphs (torch.export) have BatchNorm and dropout baked in as inference ops and
     # refuse train() altogether, so train mode means nothing for them. Staying in eval() makes a
@@ -80,8 +87,20 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     n = len(x)
+    if resume is not None:
+        resume = resume.child("fit", lr, epochs, batch_size, adv_fraction, weight_decay, seed,
+                              str(dev), model, x, y)
     last, diverged, steps, adv_s = float("nan"), False, 0, 0.0
-    for epoch in range(epochs):
+
+    def checkpoint(done: int) -> None:
+        save_epoch(resume, done, model=model, optimizer=opt, generator=g, device=dev,
+                   acc={"final_loss": last, "diverged": diverged, "steps": steps, "adv_s": adv_s})
+
+    start, acc = load_epoch(resume, model=model, optimizer=opt, generator=g, device=dev)
+    if acc is not None:
+        last, diverged, steps, adv_s = acc["final_loss"], acc["diverged"], acc["steps"], acc["adv_s"]
+        tick(n * start)
+    for epoch in range(start, epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             if cancelled():
@@ -109,8 +128,10 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoch
             last, steps = float(loss.detach()), steps + 1
             tick(len(idx))
         if diverged:
+            checkpoint(epochs)  # a diverged run is finished: a re-run does not retry it
             break
         on_epoch(epoch + 1, model)
+        checkpoint(epoch + 1)
     opt.zero_grad(set_to_none=True)
     return {"final_loss": last, "diverged": diverged, "steps": steps, "adversary_seconds": adv_s}
 
@@ -273,9 +294,10 @@ def pgd_online_training(model: nn.Module, splits, cfg, *, clean_drop_limit: floa
 def finetune_mined(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, *, seed: int = 0, device="cpu",
                    progress: Progress = lambda f: None,
                    cancelled: Callable[[], bool] = lambda: False,
-                   on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None
-                   ) -> tuple[nn.Module, dict]:
+                   on_epoch: Callable[[int, nn.Module], None] = lambda e, m: None,
+                   resume: Resume | None = None) -> tuple[nn.Module, dict]:
     """Plain cross-entropy fine-tuning of a copy on (x, y) (the DARE-mined samples): the control.
+    ``on_epoch`` and ``resume``: as in ``_fit``.
 
     cfg: ``config.TuneConfig`` (the same epochs, lr, batch size and weight decay DARE tunes with, so
     only DARE's slicing, loss and weight masks differ) or a ``BaselineConfig`` (its first lr).
@@ -292,7 +314,8 @@ def finetune_mined(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, *, s
     fit = {"final_loss": None, "diverged": False, "steps": 0}
     if len(x):
         fit = _fit(m, x, y, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=wd,
-                   seed=seed, tick=meter.tick, cancelled=cancelled, on_epoch=on_epoch)
+                   seed=seed, tick=meter.tick, cancelled=cancelled, on_epoch=on_epoch,
+                   resume=resume)
     progress(1.0)
     return m, {"method": "finetune_mined", "n": len(x), "epochs": cfg.epochs, "lr": lr,
                "batch_size": cfg.batch_size, "weight_decay": wd,

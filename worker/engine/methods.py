@@ -10,6 +10,9 @@ own module, listed in ``PLUGINS`` and imported by ``load_plugins``; its name mus
 ``train(job, point, on_epoch, progress)`` trains a copy of ``job.original`` with ``point``
 (``{"epochs", "lr", ...}``), calls ``on_epoch(k, model)`` after each epoch k and returns
 ``(model, info)``; info's ``n_samples`` is the number of samples it tuned on.
+The training a runner starts checkpoints each epoch at ``job.resume`` (``worker.engine.resume``;
+``job.kw`` hands it on), which the selection points at the grid combination being trained, so a
+stage re-run after a crash continues inside the combination's epochs.
 ``cost(job, probe, grid)`` estimates the seconds of all its trainings from ``schedule.Probe``'s
 timed batches (scoring is added by the scheduler, the same for every method).
 ``unavailable(job)`` returns why the method cannot run on this job's model (None: it can): compare
@@ -98,10 +101,19 @@ class MethodJob:
         self._offline: dict = {}
         # the chosen models of the methods that ran, for those made from them (``needs``)
         self.models: dict = {}
+        self.resume = None  # where the training being run checkpoints (set by its caller)
 
     def kw(self, progress) -> dict:
         return dict(seed=self.config.seed, device=self.ctx.device, progress=progress,
-                    cancelled=self.ctx.cancelled)
+                    cancelled=self.ctx.cancelled, resume=self.resume)
+
+    def method_resume(self, method: str):
+        """The checkpoints of ``method``'s training in this job: ``state/resume/<method>``, keyed
+        by the job's config, budget and device (each loop adds its weights and data)."""
+        from .resume import Resume
+
+        return Resume(self.state("resume")).child(method, self.config, self.eps,
+                                                  str(self.ctx.device))
 
     def state(self, name: str) -> Path:
         return self.ctx.path("state", name)
@@ -152,14 +164,22 @@ class MethodJob:
 
     def offline_examples(self, attack: str):
         """The offline adversarial training set for ``attack``: made once per job, shared by the
-        grid's runs."""
+        grid's runs, and checkpointed with the method's training so a re-run does not make it
+        again (the attacks leave the global random state alone: loading it is like making it)."""
         from .baselines import offline_examples
 
         if attack not in self._offline:
             xs, ys = self.train_subset()
-            self._offline[attack] = offline_examples(
-                self.original, attack, xs, ys, dataset=self.splits.name, eps=self.eps,
-                device=torch.device(self.ctx.device), cancelled=self.ctx.cancelled)
+            dev = torch.device(self.ctx.device)
+            ck = self.method_resume(f"at_{attack}").child("offline", self.original, xs, ys)
+            saved = ck.load()
+            if saved is not None:
+                made = saved["x_adv"], saved["params"], saved["gen_seconds"]
+            else:
+                made = offline_examples(self.original, attack, xs, ys, dataset=self.splits.name,
+                                        eps=self.eps, device=dev, cancelled=self.ctx.cancelled)
+                ck.save({"x_adv": made[0], "params": made[1], "gen_seconds": made[2]})
+            self._offline[attack] = made
         return self._offline[attack]
 
 
@@ -250,7 +270,8 @@ def _offline_runner(attack: str):
         cfg = job.config.baselines
         fit = _fit(m, xs, ys, lr=point["lr"], epochs=point["epochs"], batch_size=cfg.batch_size,
                    adv_fraction=point["adv_fraction"], adversary=lambda idx, xb, yb: x_adv[idx],
-                   seed=job.config.seed, cancelled=job.ctx.cancelled, on_epoch=on_epoch)
+                   seed=job.config.seed, cancelled=job.ctx.cancelled, on_epoch=on_epoch,
+                   resume=job.resume)
         progress(1.0)
         return m, {"attack": attack, "attack_params": params, "gen_seconds": gen_s,
                    "n_samples": 2 * len(xs), "n_adversarial": len(xs), "epochs": point["epochs"],
@@ -268,7 +289,7 @@ def _online_pgd(job: MethodJob, point: dict, on_epoch, progress):
     cfg = job.config.baselines
     fit = _fit(m, xs, ys, lr=point["lr"], epochs=point["epochs"], batch_size=cfg.batch_size,
                adv_fraction=point["adv_fraction"], adversary=adv, seed=job.config.seed,
-               cancelled=job.ctx.cancelled, on_epoch=on_epoch)
+               cancelled=job.ctx.cancelled, on_epoch=on_epoch, resume=job.resume)
     progress(1.0)
     return m, {"attack": "pgd", "attack_params": params, "gen_seconds": fit["adversary_seconds"],
                "n_samples": 2 * len(xs), "n_adversarial": len(xs) * point["epochs"],

@@ -293,7 +293,7 @@ def recipe(method: str, point: dict, rcfg, eps: float) -> dict:
 def fine_tune(start: nn.Module, xs: Tensor, ys: Tensor, method: str, point: dict, rcfg, *,
               eps: float, ramp_epochs: float, batch_size: int, dataset: str | None = None,
               seed: int = 0, on_epoch=lambda k, m: None, progress: Progress = lambda f: None,
-              cancelled: Callable[[], bool] = lambda: False) -> tuple[nn.Module, dict]:
+              cancelled: Callable[[], bool] = lambda: False, resume=None) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``start`` with ``method`` at ``point`` (``{"epochs", "lr", ...}``) on
     ``xs`` (N, C, H, W) in [0, 1], ``ys`` (N,), against the L-inf budget ``eps``, its radius
     ramped over ``ramp_epochs`` (used as given: the caller caps it, see ``ramp_for``). Returns
@@ -313,7 +313,7 @@ def fine_tune(start: nn.Module, xs: Tensor, ys: Tensor, method: str, point: dict
 
     fit = baselines._fit(m, xs, ys, lr=point["lr"], epochs=point["epochs"], batch_size=batch_size,
                          seed=seed, tick=tick, cancelled=cancelled, on_epoch=on_epoch,
-                         batch_loss=batch_loss, after_step=after_step)
+                         batch_loss=batch_loss, after_step=after_step, resume=resume)
     for p in m.parameters():
         p.requires_grad_(False)
     # examples the loss sees per epoch: clean and adversarial (TRADES, AWP on TRADES) or only
@@ -359,7 +359,7 @@ def _runner(method: str):
                          ramp_epochs=ramp_for(job, REGISTRY[method], point),
                          batch_size=cfg.baselines.batch_size, dataset=job.splits.name,
                          seed=cfg.seed, on_epoch=on_epoch, progress=progress,
-                         cancelled=job.ctx.cancelled)
+                         cancelled=job.ctx.cancelled, resume=job.resume)
     return train
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import InputError
 from .evaluation import accuracy, attack_kwargs, model_device, run_batched, set_eval
 from .report import within_budget
+from .resume import Resume, rng_state, set_rng_state
 
 ATTACK_BATCH = 250
 # The grid parameters every method takes; a registry entry lists the others it takes.
@@ -242,12 +243,18 @@ def grid_size(grid: dict[str, list]) -> tuple[int, int]:
 
 
 def select_method(spec, job, judge: Judge, original_clean: float, limit: float, *,
-                  progress: Callable[[float], None] = lambda f: None) -> tuple[nn.Module, dict]:
+                  progress: Callable[[float], None] = lambda f: None,
+                  resume: Resume | None = None) -> tuple[nn.Module, dict]:
     """Train ``spec``'s grid (``grid_for``), score every point on ``judge``, keep ``select_run``'s.
 
     One training per combination of the non-epoch parameters runs for the largest epochs value
     and is scored after each epoch in the grid (a snapshot equals a shorter run: the same seed,
     no learning-rate schedule, the scoring leaves the random state alone).
+
+    ``resume`` (``worker.engine.resume``): the finished combinations (their scores and
+    the kept weights) are checkpointed after each one, and each combination's training
+    checkpoints its epochs below, with the scores collected so far, so a re-run after a crash
+    goes on from the last epoch and chooses as an uninterrupted run would.
     """
     grid = grid_for(spec, job.config)
     others = [p for p in grid if p != "epochs"]
@@ -256,7 +263,34 @@ def select_method(spec, job, judge: Judge, original_clean: float, limit: float, 
     runs: list[dict] = []
     kept: dict = {}
     train_infos: list[dict] = []
+    seen: set = set()  # the epochs of the running combination scored so far
     t0 = time.perf_counter()
+    dev = torch.device(job.ctx.device)
+    # Every method starts from the same global random state, whichever method ran (or was loaded
+    # from state/) before it, so a resumed compare trains each method as an uninterrupted one.
+    torch.manual_seed(job.config.seed)
+
+    def get() -> dict:
+        return {"runs": runs, "kept": kept, "seen": sorted(seen), "train_infos": train_infos,
+                "elapsed": time.perf_counter() - t0}
+
+    def put(state: dict) -> None:
+        nonlocal t0
+        runs[:], train_infos[:] = state["runs"], state["train_infos"]
+        kept.clear()
+        kept.update(state["kept"])
+        seen.clear()
+        seen.update(state["seen"])
+        t0 = time.perf_counter() - state["elapsed"]
+
+    if resume is not None:
+        resume = resume.child("select", spec.name, grid, judge.x, judge.y, judge.eps,
+                              original_clean, limit, job.original)
+        saved = resume.load()
+        if saved is not None:
+            put(saved)
+            set_rng_state(saved["rng"], dev)
+            progress(len(train_infos) / len(combos))
 
     def record(combo: dict, e: int, model: nn.Module, note: str | None = None) -> None:
         s = judge.score(model)
@@ -269,22 +303,31 @@ def select_method(spec, job, judge: Judge, original_clean: float, limit: float, 
             kept.update(state={k: v.detach().clone() for k, v in model.state_dict().items()},
                         combo=len(train_infos))
 
-    for i, combo in enumerate(combos):
-        seen = set()
+    for i in range(len(train_infos), len(combos)):
+        combo = combos[i]
+        seen.clear()
 
-        def on_epoch(e: int, model: nn.Module, combo=combo, seen=seen) -> None:
+        def on_epoch(e: int, model: nn.Module, combo=combo) -> None:
             if e in epochs:
                 seen.add(e)
                 record(combo, e, model)
 
         point = {**combo, "epochs": max(epochs)}
-        model, info = spec.train(job, point, on_epoch,
-                                 lambda f, i=i: progress((i + f) / len(combos)))
+        ck = resume.child(f"combo{i}", point).with_state(get, put) if resume is not None else None
+        job.resume = ck
+        try:
+            model, info = spec.train(job, point, on_epoch,
+                                     lambda f, i=i: progress((i + f) / len(combos)))
+        finally:
+            job.resume = None
         if not seen:
             # no epoch completed (nothing to tune on, or a diverged first epoch): the returned
             # model is what this combination gives
             record(combo, int(info.get("epochs") or 0), model, note="no epoch snapshot")
         train_infos.append({k: v for k, v in info.items() if _plain(v)})
+        if resume is not None:
+            resume.save({**get(), "rng": rng_state(dev)})
+            ck.clear()  # the record above holds this combination now
     chosen = select_run(runs)
     model = copy.deepcopy(job.original)
     model.load_state_dict(kept["state"])

@@ -6,6 +6,8 @@ A job lives in one directory::
     <workdir>/inputs/history.zip                 per-epoch checkpoints
     <workdir>/inputs/data.npz                    optional: else config.dataset names an embedded set
     <workdir>/state/                             intermediate results, one file set per stage
+    <workdir>/state/resume/<method>/             checkpoints of the running stage's training
+                                                 (worker.engine.resume), removed when it is done
     <workdir>/artifacts/                         hardened.onnx, hardened.pt2 (pt2 input),
                                                  hardened.safetensors, report.json, report.html
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -227,7 +230,8 @@ def _single_point(config, spec) -> dict:
 def harden(ctx: "StageContext", method: str, progress=None):
     """Train one method with the job's own settings (``_single_point``), no selection; a method
     made from another (``needs``) starts from that one trained the same way. Returns
-    ``(model, info)``; every method starts from the same original model."""
+    ``(model, info)``; every method starts from the same original model. Its training
+    checkpoints each epoch under ``state/resume/<method>``, so a re-run after a crash resumes."""
     from .methods import REGISTRY, MethodJob, load_plugins
 
     load_plugins()
@@ -241,6 +245,7 @@ def harden(ctx: "StageContext", method: str, progress=None):
             if d not in job.models:
                 job.models[d], _ = train(d, lambda f: None)
         _refuse_unavailable(spec, job)
+        job.resume = job.method_resume(name)
         return spec.train(job, _single_point(ctx.config, spec), lambda e, m: None, progress)
 
     return train(method, progress or ctx.progress)
@@ -278,7 +283,8 @@ def _selection_setup(ctx: "StageContext"):
 def _selected(ctx: "StageContext", job, judge, original: dict, method: str, progress=None):
     """``method``'s model chosen from its grid, from state/ when an earlier run (the tune stage,
     a killed compare) left it there. The methods it is made from (``needs``) are chosen first
-    when ``job.models`` does not hold them yet."""
+    when ``job.models`` does not hold them yet. The selection checkpoints under
+    ``state/resume/<method>`` (``select_method``), removed once the model is saved."""
     from .methods import load_plugins
     from .selection import select_method
 
@@ -302,12 +308,14 @@ def _selected(ctx: "StageContext", job, judge, original: dict, method: str, prog
     else:
         model, info = select_method(spec, job, judge, original["val_clean"],
                                     ctx.config.clean_drop_limit,
-                                    progress=progress or ctx.progress)
+                                    progress=progress or ctx.progress,
+                                    resume=job.method_resume(method))
     info = {k: v for k, v in info.items() if _jsonable(v)}
     info.setdefault("seconds", time.perf_counter() - t0)
     info["recipe"] = spec.recipe
     _save_state(model, weights)
     _write_json(meta, info)  # last: its presence with the weights marks the method done
+    job.method_resume(method).clear()  # its model is saved: its checkpoints are not needed
     return model, info
 
 
@@ -710,6 +718,7 @@ def run_stage(name: str, ctx: StageContext) -> dict:
     tmp = ctx.path("state", f"{name}.done.tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(ctx.path("state", f"{name}.done.json"))
+    shutil.rmtree(ctx.path("state", "resume"), ignore_errors=True)  # done: nothing to resume
     ctx.progress(1.0)
     return summary
 

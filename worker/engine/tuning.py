@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .config import TuneConfig
 from .errors import Cancelled
 from .mining import MinedSet
+from .resume import Resume, load_epoch, save_epoch
 from .slicing import SliceResult
 from .transform import build_mt, key_neuron_loss
 
@@ -45,16 +46,23 @@ def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: Tun
               adv_attack: Callable[[torch.nn.Module], Callable] | None = None, seed: int = 0,
               device: str = "cpu", progress: Callable[[float], None] = lambda f: None,
               cancelled: Callable[[], bool] = lambda: False,
-              on_epoch: Callable[[int, torch.nn.Module], None] = lambda e, m: None
-              ) -> tuple[fx.GraphModule, dict]:
+              on_epoch: Callable[[int, torch.nn.Module], None] = lambda e, m: None,
+              resume: Resume | None = None) -> tuple[fx.GraphModule, dict]:
     """Tune M_T on the mined set with the key-neuron loss, updating only each class's key synapses.
 
     ``adv_attack(model)`` (DARE-adv) returns an attack ``(x, y) -> x_adv`` against the current
-    full model; its examples are regressed to the clean sample's tutor target as well.
+    full model; its examples are regressed to the clean sample's tutor target as well (the
+    caller's ``resume`` key must cover the attack's settings).
     ``on_epoch(k, model)`` sees the synchronised model after epoch k (the selection scores its
-    snapshots there). Returns the synchronised full model (a tuned copy of ``gm``) and a summary.
+    snapshots there). ``resume``: where each epoch is checkpointed, after its ``on_epoch``, and
+    resumed from (``worker.engine.resume``). Returns the synchronised full model (a tuned copy of
+    ``gm``) and a summary.
     """
     t0 = time.perf_counter()
+    if resume is not None:
+        resume = resume.child("tune_dare", cfg, seed, str(device), adv_attack is not None, gm,
+                              sliced.cut_node, sliced.masks, sliced.key_units, mined.x, mined.y,
+                              mined.target)
     work = copy.deepcopy(gm).to(device)
     _freeze_all(work)
     mt = build_mt(work, sliced.cut_node)
@@ -71,7 +79,11 @@ def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: Tun
         return work, {"epochs": 0, "steps": 0, "loss_first": None, "loss_last": None,
                       "seconds": 0.0, "note": "no mined samples: the model is unchanged"}
     steps = 0
-    for epoch in range(cfg.epochs):
+    start, acc = load_epoch(resume, model=work, optimizer=opt, generator=gen, device=device)
+    if acc is not None:
+        losses, steps, t0 = acc["losses"], acc["steps"], time.perf_counter() - acc["seconds"]
+        progress(start / cfg.epochs)
+    for epoch in range(start, cfg.epochs):
         total, count = 0.0, 0
         for b in _class_batches(y.cpu(), cfg.batch_size, gen):
             if cancelled():
@@ -98,6 +110,8 @@ def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: Tun
             steps += 1
         losses.append(total / max(count, 1))
         on_epoch(epoch + 1, work)
+        save_epoch(resume, epoch + 1, model=work, optimizer=opt, generator=gen, device=device,
+                   acc={"losses": losses, "steps": steps, "seconds": time.perf_counter() - t0})
         progress((epoch + 1) / cfg.epochs)
     for p in work.parameters():
         p.requires_grad_(True)
@@ -108,18 +122,26 @@ def tune_dare(gm: fx.GraphModule, sliced: SliceResult, mined: MinedSet, cfg: Tun
 def tune_full_model(gm: fx.GraphModule, mined: MinedSet, cfg: TuneConfig, *, seed: int = 0,
                     device: str = "cpu", progress: Callable[[float], None] = lambda f: None,
                     cancelled: Callable[[], bool] = lambda: False,
-                    on_epoch: Callable[[int, torch.nn.Module], None] = lambda e, m: None
-                    ) -> tuple[fx.GraphModule, dict]:
+                    on_epoch: Callable[[int, torch.nn.Module], None] = lambda e, m: None,
+                    resume: Resume | None = None) -> tuple[fx.GraphModule, dict]:
     """DARE-sl (paper 4.2): no transformation and no slicing: M itself, every weight, tuned on the
     same mined data with M's own kind of loss (cross-entropy), here against the tutor's
-    predicted distribution, which is what the mined data carries at M's output layer."""
+    predicted distribution, which is what the mined data carries at M's output layer.
+    ``on_epoch`` and ``resume``: as for :func:`tune_dare`."""
     t0 = time.perf_counter()
+    if resume is not None:
+        resume = resume.child("tune_full_model", cfg, seed, str(device), gm, mined.x,
+                              mined.tutor_logits)
     work = copy.deepcopy(gm).to(device)
     opt = torch.optim.Adam(work.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     x, soft = mined.x.to(device), torch.softmax(mined.tutor_logits.float(), 1).to(device)
     losses = []
-    for epoch in range(cfg.epochs if len(x) else 0):
+    start, acc = load_epoch(resume, model=work, optimizer=opt, generator=gen, device=device)
+    if acc is not None:
+        losses, t0 = acc["losses"], time.perf_counter() - acc["seconds"]
+        progress(start / cfg.epochs)
+    for epoch in range(start, cfg.epochs if len(x) else 0):
         total = 0.0
         for b in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
             if cancelled():
@@ -132,6 +154,8 @@ def tune_full_model(gm: fx.GraphModule, mined: MinedSet, cfg: TuneConfig, *, see
             total += loss.item() * len(b)
         losses.append(total / len(x))
         on_epoch(epoch + 1, work)
+        save_epoch(resume, epoch + 1, model=work, optimizer=opt, generator=gen, device=device,
+                   acc={"losses": losses, "seconds": time.perf_counter() - t0})
         progress((epoch + 1) / cfg.epochs)
     return work, {"epochs": cfg.epochs, "loss_first": losses[0] if losses else None,
                   "loss_last": losses[-1] if losses else None, "seconds": time.perf_counter() - t0}
