@@ -36,6 +36,8 @@ _B = "tests/engine/test_behaviours.py::test_"
 _SB = "tests/service/test_behaviours.py::test_"
 MODULES: dict[str, list[str]] = {
     "worker/engine/tuning.py": [f"{_B}weight_decay_never_moves_a_weight_outside_every_class_mask",
+                                f"{_B}tuning_progress_ends_at_one_and_an_empty_mined_set_changes_nothing",
+                                f"{_B}dare_sl_reports_the_mean_loss_of_its_first_epoch",
                                 "tests/engine/test_tuning.py"],
     "worker/engine/mining.py": [f"{_B}a_wrong_final_model_counts_as_confidence_zero",
                                 "tests/engine/test_tuning.py"],
@@ -46,6 +48,8 @@ MODULES: dict[str, list[str]] = {
                                     f"{_B}evaluation_eps_reaches_every_linf_attack",
                                     "tests/engine/test_evaluation.py"],
     "worker/engine/report.py": [f"{_B}a_drop_exactly_at_the_budget_is_within_it",
+                                f"{_B}a_method_without_an_adaptive_score_ranks_last",
+                                f"{_B}report_files_take_numpy_and_torch_scalars_and_can_be_rewritten",
                                 "tests/engine/test_report.py"],
     "worker/engine/attacks/base.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/fgsm.py": ["tests/engine/test_attacks.py"],
@@ -148,12 +152,21 @@ def _scratch_copy(scratch: Path) -> None:
 
 def _env(scratch: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    # DARE_TEST_WEIGHTS: the engine tests' subjects are trained once and kept beside the sessions
+    # (tests/engine/tiny.py: trained_once); their training uses no mutated module.
+    env.update(PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               DARE_TEST_WEIGHTS=str(scratch.parent / "weights"))
     return env
 
 
+def _pytest(module: str) -> list[str]:
+    # schemathesis's plugin imports a few seconds of modules that no engine test uses
+    skip = ["-p", "no:schemathesis"] if module.startswith("worker/") else []
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *skip]
+
+
 def _config(module: str, tests: list[str], timeout: float) -> str:
-    cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider " + " ".join(tests)
+    cmd = " ".join([*_pytest(module), *tests])
     ops = ", ".join(f'"core/{o}"' for o in OPERATORS)
     return (f'[cosmic-ray]\nmodule-path = "{module}"\ntimeout = {timeout:.0f}\n'
             f'excluded-modules = []\ntest-command = "{cmd}"\n\n'
@@ -203,8 +216,8 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
     if not session.exists():
         # the baseline (unmutated) run both checks the tests pass and sizes the timeout
         b0 = time.perf_counter()
-        base = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               *tests], cwd=scratch, env=env, capture_output=True, text=True)
+        base = subprocess.run([*_pytest(module), *tests], cwd=scratch, env=env,
+                              capture_output=True, text=True)
         if base.returncode != 0:
             row.note = "baseline failed: " + (base.stdout.strip().splitlines() or ["?"])[-1]
             return row
