@@ -40,7 +40,7 @@ MODULES: dict[str, list[str]] = {
                                 f"{_B}dare_sl_reports_the_mean_loss_of_its_first_epoch",
                                 "tests/engine/test_tuning.py"],
     "worker/engine/mining.py": [f"{_B}a_wrong_final_model_counts_as_confidence_zero",
-                                "tests/engine/test_tuning.py"],
+                                "tests/engine/test_mining.py", "tests/engine/test_tuning.py"],
     "worker/engine/slicing.py": ["tests/engine/test_slicing.py", "tests/engine/test_tuning.py"],
     "worker/engine/transform.py": ["tests/engine/test_tuning.py", "tests/engine/test_slicing.py"],
     "worker/engine/evaluation.py": [f"{_B}the_adaptive_attack_is_built_against_each_hardened_model",
