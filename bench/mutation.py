@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -165,8 +166,18 @@ def _pytest(module: str) -> list[str]:
     return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *skip]
 
 
-def _config(module: str, tests: list[str], timeout: float) -> str:
-    cmd = " ".join([*_pytest(module), *tests])
+def _forked(module: str) -> bool:
+    # the engine's tests run in-process, so they can share one set of imports (pytest_fork.py);
+    # the service's start servers and workers of their own and keep a fresh process each
+    return module.startswith("worker/")
+
+
+def _config(module: str, tests: list[str], timeout: float, sock: Path | None = None) -> str:
+    if sock is None:
+        cmd = " ".join([*_pytest(module), *tests])
+    else:
+        cmd = " ".join([sys.executable, "-S", str(REPO / "bench" / "pytest_fork.py"), "run",
+                        str(sock), *_pytest(module)[3:], *tests])
     ops = ", ".join(f'"core/{o}"' for o in OPERATORS)
     return (f'[cosmic-ray]\nmodule-path = "{module}"\ntimeout = {timeout:.0f}\n'
             f'excluded-modules = []\ntest-command = "{cmd}"\n\n'
@@ -231,12 +242,27 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         _retest_survivors(scratch, session)
     left = budget_s - (time.perf_counter() - t0)
     if execute and left > 0:
+        server = None
+        if _forked(module):
+            sock = scratch / "pytest.sock"
+            timeout = float(re.search(r"^timeout = (\d+)", (scratch / "cr.toml").read_text(),
+                                      re.M).group(1))
+            (scratch / "cr.toml").write_text(_config(module, tests, timeout, sock))
+            sock.unlink(missing_ok=True)
+            server = subprocess.Popen([sys.executable, str(REPO / "bench" / "pytest_fork.py"),
+                                       "serve", str(sock)], cwd=scratch, env=env)
+            while not sock.exists() and server.poll() is None:
+                time.sleep(0.5)
         try:
             subprocess.run([str(Path(sys.executable).with_name("cosmic-ray")), "exec", "cr.toml",
-                            "session.sqlite"], cwd=scratch, env=env, timeout=left,
-                           capture_output=True)
+                            "session.sqlite"], cwd=scratch, env=env,
+                           timeout=budget_s - (time.perf_counter() - t0), capture_output=True)
         except subprocess.TimeoutExpired:
             pass
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
     row.seconds = time.perf_counter() - t0
     row.seconds += _recorded_seconds(scratch, row.seconds if execute else 0.0)
     with use_db(str(session), WorkDB.Mode.open) as db:
