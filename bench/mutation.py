@@ -177,7 +177,7 @@ def _config(module: str, tests: list[str], timeout: float, sock: Path | None = N
         cmd = " ".join([*_pytest(module), *tests])
     else:
         cmd = " ".join([sys.executable, "-S", str(REPO / "bench" / "pytest_fork.py"), "run",
-                        str(sock), *_pytest(module)[3:], *tests])
+                        str(sock), *_pytest(module)[3:], "--assert=plain", *tests])
     ops = ", ".join(f'"core/{o}"' for o in OPERATORS)
     return (f'[cosmic-ray]\nmodule-path = "{module}"\ntimeout = {timeout:.0f}\n'
             f'excluded-modules = []\ntest-command = "{cmd}"\n\n'
@@ -242,6 +242,9 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         _retest_survivors(scratch, session)
     left = budget_s - (time.perf_counter() - t0)
     if execute and left > 0:
+        # a run stopped in the middle of a mutant leaves that mutant on disk: start from HEAD's
+        (scratch / module).write_bytes(subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO,
+                                                      check=True, capture_output=True).stdout)
         server = None
         if _forked(module):
             sock = scratch / "pytest.sock"
