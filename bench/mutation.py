@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
     "worker/engine/mining.py": [f"{_B}a_wrong_final_model_counts_as_confidence_zero",
                                 "tests/engine/test_mining.py", "tests/engine/test_tuning.py"],
     "worker/engine/slicing.py": ["tests/engine/test_slicing.py", "tests/engine/test_tuning.py"],
-    "worker/engine/transform.py": ["tests/engine/test_tuning.py", "tests/engine/test_slicing.py"],
+    "worker/engine/transform.py": ["tests/engine/test_transform.py", "tests/engine/test_tuning.py"],
     "worker/engine/evaluation.py": [f"{_B}the_adaptive_attack_is_built_against_each_hardened_model",
                                     f"{_B}adaptive_accuracy_is_the_hardened_model_on_its_own_attack",
                                     f"{_B}evaluation_eps_reaches_every_linf_attack",

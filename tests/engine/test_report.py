@@ -173,3 +173,42 @@ def test_report_from_a_real_evaluation(tmp_path):
     paths = R.write_report(rep, tmp_path)
     page = paths["report.html"].read_text()
     assert "<polyline" in page and "http" not in page.replace("(redacted)", "")
+
+
+def test_versions_name_the_first_gpu_and_none_without_one(monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        v = R.versions()
+        assert v["cuda"] is None and v["gpu"] is None
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: asked.append(i) or f"GPU{i}")
+    monkeypatch.setattr(torch.version, "cuda", "12.9")
+    v = R.versions()
+    assert (v["cuda"], v["gpu"], asked) == ("12.9", "GPU0", [0])
+
+
+def test_a_package_that_is_not_installed_has_no_version(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(pkg):
+        if pkg == "pyautoattack":
+            raise metadata.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(metadata, "version", version)
+    v = R.versions()
+    assert v["pyautoattack"] is None and v["torchattacks"] == real("torchattacks")
+
+
+def test_paths_become_strings_and_the_directories_are_made(tmp_path):
+    from pathlib import Path
+
+    assert R._jsonable({"p": Path("/a/b"), 1: (True, None)}) == {"p": "/a/b", "1": [True, None]}
+    with pytest.raises(TypeError, match="object"):
+        R._jsonable({"x": object()})
+    paths = R.write_report(_report(), tmp_path / "job" / "artifacts")
+    assert json.loads(paths["report.json"].read_text())["method"] == "dare"
