@@ -93,9 +93,8 @@ OPERATORS = [
     "NumberReplacer", "ZeroIterationForLoop", "ExceptionReplacer",
 ]
 
-# Mutants judged equivalent (no behaviour changes), left out of the score:
-# (module, operator, a piece of the mutated line, why).
-# (module or "*", operator, a piece of the mutated line, why).
+# Surviving mutants judged equivalent (no behaviour changes), left out of the score:
+# (module or "*", operator, a piece of the line as committed or as mutated, why).
 EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("*", "ReplaceBinaryOperator_BitOr_BitAnd", "| None",
      "a type annotation: with `from __future__ import annotations` it is never evaluated"),
@@ -112,6 +111,14 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/tuning.py", "NumberReplacer", "c = int(y[b[0]])",
      "every batch holds one class, so any of its samples names the batch's class (b[1] differs "
      "only for a one-sample batch, where it raises)"),
+    ("worker/engine/tuning.py", "ZeroIterationForLoop", "for p in model.parameters():",
+     "_freeze_all: what it would leave trainable is M_T's parameters, made trainable right after, "
+     "or the removed layers', which M_T's graph never reaches: no gradient, no change"),
+    ("worker/engine/tuning.py", "ReplaceTrueWithFalse", "opt.zero_grad(set_to_none=False)",
+     "every parameter in the optimiser is in M_T's graph, so each backward writes every .grad: "
+     "zeroed or None beforehand, the step is the same"),
+    ("worker/engine/tuning.py", "NumberReplacer", "if len(x) else -1)",
+     "range(-1) is as empty as range(0)"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),
@@ -278,11 +285,15 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
             if result.test_outcome is None or result.worker_outcome == WorkerOutcome.SKIPPED:
                 row.total -= 1  # filtered out
                 continue
-            if any(e[0] in (module, "*") and m.operator_name.endswith(e[1]) and e[2] in line
-                   for e in EQUIVALENT):
-                row.equivalent += 1
-            elif result.test_outcome == TestOutcome.INCOMPETENT:
+            # the mutant's own line: the piece of an EQUIVALENT entry may name the mutation
+            mutant = " ".join(x[1:].strip() for x in (result.diff or "").splitlines()
+                              if x.startswith("+") and not x.startswith("+++"))
+            if result.test_outcome == TestOutcome.INCOMPETENT:
                 row.incompetent += 1
+            elif result.test_outcome == TestOutcome.SURVIVED and any(
+                    e[0] in (module, "*") and m.operator_name.endswith(e[1])
+                    and (e[2] in line or e[2] in mutant) for e in EQUIVALENT):
+                row.equivalent += 1  # judged equivalent: only a survivor can be
             elif result.test_outcome == TestOutcome.SURVIVED:
                 row.survived += 1
                 row.survivors.append(where)
