@@ -111,3 +111,56 @@ def test_dare_s_frees_everything(sliced):
     info, prof, _ = sliced
     res = full_slice(info, prof, 1)
     assert all(m.all() for m in res.masks.values()) and res.key_units.all()
+
+
+def test_frozen_count_rounds_half_up_and_never_freezes_everything():
+    from worker.engine.slicing import frozen_count
+
+    assert frozen_count(5, 0.9) == 1  # (1 - 0.9) * 5 is 0.4999... in floating point
+    assert frozen_count(10, 0.95) == 1 and frozen_count(30, 0.95) == 2
+    assert frozen_count(10, 0.1) == 9 and frozen_count(10, 0.0) == 9  # one synapse always stays
+    assert frozen_count(10, 1.0) == 0 and frozen_count(0, 0.5) == 0
+    assert int((~top_fraction(torch.arange(10.0), 0.0)).sum()) == 9
+
+
+def test_ties_are_broken_by_position_among_many():
+    """Thousands of equal contributions (dead units): the lowest flat indices are frozen."""
+    v = torch.zeros(5000)
+    v[::7] = 1.0
+    keep = top_fraction(v, 0.5)
+    zeros = torch.nonzero(v == 0).squeeze(1)
+    assert torch.equal(torch.nonzero(~keep).squeeze(1), zeros[:2500])
+
+
+def test_key_synapse_fraction_counts_the_kept_synapses_of_mt(sliced):
+    info, _, res = sliced
+    kept = total = 0
+    for L in info.layers[:res.k]:
+        m = res.masks[L.weight_key]
+        syn = m.flatten(3)[..., 0] if m.dim() > 3 else m  # a conv synapse is a whole kernel
+        kept += int(syn.sum())
+        total += syn.numel()
+    assert res.stats["key_synapse_fraction"] == kept / total
+    assert res.stats["key_units_per_class"] == res.key_units.sum(1).tolist()
+    assert res.stats["cut_units"] == res.key_units.shape[1] == 32
+    assert res.stats["q"] == 0.95 and res.stats["layers_in_mt"] == [L.node for L in info.layers[:res.k]]
+    assert 0 < res.stats["nonzero_synapse_fraction"] < 1
+
+
+def test_a_norm_channel_is_tuned_with_the_conv_channel_it_normalises(sliced):
+    """c1 -> bn: bn's channel c is free for a class exactly when c1's output channel c is a key
+    neuron of that class (c1's bias mask says which). At q = 0.5 half of c1's channels are not."""
+    info, prof, _ = sliced
+    res = slice_model(info, prof, 0.5, 1)
+    assert torch.equal(res.masks["bn.weight"], res.masks["c1.bias"])
+    assert torch.equal(res.masks["bn.bias"], res.masks["c1.bias"])
+    assert res.masks["bn.weight"].any() and not res.masks["bn.weight"].all()
+
+
+def test_dare_s_stats_say_nothing_is_frozen(sliced):
+    info, prof, _ = sliced
+    res = full_slice(info, prof, 1)
+    s = res.stats
+    assert s["q"] == 1.0 and s["key_synapse_fraction"] == 1.0 and s["variant"] == "no slicing"
+    assert s["frozen_share"]["overall"] == 0.0 and s["frozen_share"]["by_every_class"] == 0.0
+    assert s["key_units_per_class"] == [s["cut_units"]] * 10
