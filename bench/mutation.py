@@ -35,6 +35,7 @@ KEEP = "<!-- kept by bench/mutation.py: hand-written below -->"
 # catch a bug there), fastest first: a killed mutant stops at its first failing test (-x).
 _B = "tests/engine/test_behaviours.py::test_"
 _SB = "tests/service/test_behaviours.py::test_"
+_ATTACKS = ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"]
 MODULES: dict[str, list[str]] = {
     "worker/engine/tuning.py": [f"{_B}weight_decay_never_moves_a_weight_outside_every_class_mask",
                                 f"{_B}tuning_progress_ends_at_one_and_an_empty_mined_set_changes_nothing",
@@ -52,14 +53,14 @@ MODULES: dict[str, list[str]] = {
                                 f"{_B}a_method_without_an_adaptive_score_ranks_last",
                                 f"{_B}report_files_take_numpy_and_torch_scalars_and_can_be_rewritten",
                                 "tests/engine/test_report.py"],
-    "worker/engine/attacks/base.py": ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"],
-    "worker/engine/attacks/fgsm.py": ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"],
-    "worker/engine/attacks/bim.py": ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"],
-    "worker/engine/attacks/pgd.py": ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"],
+    "worker/engine/attacks/base.py": _ATTACKS,
+    "worker/engine/attacks/fgsm.py": _ATTACKS,
+    "worker/engine/attacks/bim.py": _ATTACKS,
+    "worker/engine/attacks/pgd.py": _ATTACKS,
     "worker/engine/attacks/cw.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/jsma.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/minimal.py": ["tests/engine/test_attacks.py"],
-    "worker/engine/attacks/__init__.py": ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"],
+    "worker/engine/attacks/__init__.py": _ATTACKS,
     "worker/engine/archive_safety.py": ["tests/service/test_hostile.py",
                                         "tests/engine/test_modelio.py", "tests/service/test_uploads.py"],
     "service/idempotency.py": [f"{_SB}a_same_size_change_of_a_file_is_another_request",
@@ -258,7 +259,7 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         if _forked(module):
             sock = scratch / "pytest.sock"
             timeout = float(re.search(r"^timeout = (\d+)", (scratch / "cr.toml").read_text(),
-                                      re.M).group(1))
+                                      re.MULTILINE).group(1))
             (scratch / "cr.toml").write_text(_config(module, tests, timeout, sock))
             sock.unlink(missing_ok=True)
             server = subprocess.Popen([sys.executable, str(REPO / "bench" / "pytest_fork.py"),

@@ -6,8 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine.attacks import BIM, CW, FGSM, PGD, AttackParamError, default_params, make_attack
-from worker.engine.attacks.base import Attack, check_choice, check_float, check_int, predict
+from worker.engine.attacks import (
+    BIM,
+    CW,
+    FGSM,
+    PGD,
+    AttackParamError,
+    default_params,
+    make_attack,
+)
+from worker.engine.attacks.base import (
+    Attack,
+    check_choice,
+    check_float,
+    check_int,
+    predict,
+)
 
 
 def _model() -> nn.Module:
