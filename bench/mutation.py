@@ -122,6 +122,15 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "an empty mined set returns before the loop, so every epoch counts at least one sample"),
     ("worker/engine/tuning.py", "NumberReplacer", "if len(x) else -1)",
      "range(-1) is as empty as range(0)"),
+    ("worker/engine/mining.py", "NumberReplacer", "tutor = torch.full_like(y, - 2)",
+     "the 'no tutor' mark: any negative value is left out by `tutor >= 0`"),
+    ("worker/engine/mining.py", "NumberReplacer", "fraction: float = 1.5",
+     "t - ceil(1.5 t) = -ceil(0.5 t): the negative start index picks the same latest half"),
+    ("worker/engine/mining.py", "ReplaceBinaryOperator_Mul_Div", "y: torch.Tensor, /, fraction",
+     "the keyword-only marker `*` made `/` (x, y positional-only): every caller passes x and y by "
+     "position and the rest by keyword, which both signatures accept"),
+    ("worker/engine/mining.py", "NumberReplacer", "the model lacks: {unexpected[:",
+     "harmless: how many of the unknown tensor names the error message quotes"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),
