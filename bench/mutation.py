@@ -129,6 +129,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/mining.py", "ReplaceBinaryOperator_Mul_Div", "y: torch.Tensor, /, fraction",
      "the keyword-only marker `*` made `/` (x, y positional-only): every caller passes x and y by "
      "position and the rest by keyword, which both signatures accept"),
+    ("worker/engine/mining.py", "NumberReplacer", "seed: int = 0, batch_size: int = 500,",
+     "harmless defaults: the mine stage passes the job's seed, and the batch size changes no "
+     "result (test_mining_does_not_depend_on_the_batch_size)"),
     ("worker/engine/mining.py", "NumberReplacer", "the model lacks: {unexpected[:",
      "harmless: how many of the unknown tensor names the error message quotes"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
