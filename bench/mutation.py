@@ -132,6 +132,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/mining.py", "NumberReplacer", "seed: int = 0, batch_size: int = 500,",
      "harmless defaults: the mine stage passes the job's seed, and the batch size changes no "
      "result (test_mining_does_not_depend_on_the_batch_size)"),
+    ("worker/engine/mining.py", "NumberReplacer", "len(targets) / max(len(idx), 0))",
+     "the tutors' loop runs only when some sample has a tutor, so len(idx) is never 0 there"),
     ("worker/engine/mining.py", "NumberReplacer", "the model lacks: {unexpected[:",
      "harmless: how many of the unknown tensor names the error message quotes"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
