@@ -164,3 +164,15 @@ def test_dare_s_stats_say_nothing_is_frozen(sliced):
     assert s["q"] == 1.0 and s["key_synapse_fraction"] == 1.0 and s["variant"] == "no slicing"
     assert s["frozen_share"]["overall"] == 0.0 and s["frozen_share"]["by_every_class"] == 0.0
     assert s["key_units_per_class"] == [s["cut_units"]] * 10
+
+
+def test_a_flattened_conv_channel_hands_all_its_positions_to_the_cut(sliced):
+    """Two layers removed: M_T ends at the flattened conv features (8 channels x 16 positions)
+    that fc1 reads. A channel that is a key neuron of c2 makes all 16 of its features key units."""
+    info, prof, _ = sliced
+    res = slice_model(info, prof, 0.95, 2)
+    assert res.stats["cut_units"] == 128 and "fc1.weight" not in res.masks
+    per_channel = res.key_units.view(10, 8, 16)
+    key_c2 = res.masks["c2.bias"]  # c2's key output channels, per class
+    assert key_c2.any()
+    assert per_channel[key_c2].all()
