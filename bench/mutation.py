@@ -146,6 +146,27 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "harmless: the per-layer frozen share's reported rounding (7 digits instead of 6)"),
     ("worker/engine/slicing.py", "NumberReplacer", "nrm.bias_key].shape[ -1]",
      "a norm's weight and bias are 1-D: their last dimension is their first"),
+    ("worker/engine/slicing.py", "ReplaceOrWithAnd", "nrm.weight_key and nrm.bias_key",
+     "a norm has both an affine weight and bias or neither, and both have its channel count"),
+    ("worker/engine/slicing.py", "NumberReplacer", "if w.dim() > 3 else w",
+     "the graph analysis takes only conv2d (4-D weights) and linear (2-D) layers: > 2 and > 3 "
+     "split them the same way (a conv1d model is refused, checked)"),
+    ("worker/engine/slicing.py", "NumberReplacer", "contrib_acc[layers[-1].node][c] = 2.0",
+     "formula 2 is linear in the output neuron's CONTRIB: a positive scale changes no ranking "
+     "and no sign, so no mask"),
+    ("worker/engine/slicing.py", "NumberReplacer", "shape[0] if masks else ",
+     "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
+    ("worker/engine/slicing.py", "NumberReplacer", "sum(m[ 1].numel() for m in masks",
+     "every class's mask has the same shape, so class 1's size is class 0's"),
+    ("worker/engine/slicing.py", "NumberReplacer", "total = max( 0, sum(m[0]",
+     "the masks are never empty (see above), so the sum is never 0"),
+    ("worker/engine/slicing.py", "NumberReplacer", "kept / max(total, ",
+     "total counts every synapse of M_T for every class: never below 2"),
+    ("worker/engine/slicing.py", "NumberReplacer", "sum(nonzero_frac) / max(len(nonzero_frac), ",
+     "one entry per class and M_T layer: never below 2"),
+    ("worker/engine/slicing.py", "NumberReplacer", "slice_model(info, prof, 2.0, p)",
+     "full_slice: q = 2 gives a negative frozen count, and argsort[:-n] of n values freezes "
+     "nothing, exactly as q = 1; the masks are then set to all-true anyway"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),

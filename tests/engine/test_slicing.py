@@ -176,3 +176,29 @@ def test_a_flattened_conv_channel_hands_all_its_positions_to_the_cut(sliced):
     key_c2 = res.masks["c2.bias"]  # c2's key output channels, per class
     assert key_c2.any()
     assert per_channel[key_c2].all()
+
+
+def test_with_a_silent_last_layer_no_synapse_contributes(sliced):
+    """fc2's weights zeroed: the output no longer depends on the input, every class delta there is
+    0, so formula 2 gives 0 to every synapse of M_T; on the trained model most are not 0."""
+    import copy
+
+    info, prof, res = sliced
+    assert res.stats["nonzero_synapse_fraction"] > 0.5
+    gm = copy.deepcopy(info.gm)
+    with torch.no_grad():
+        gm.get_parameter("fc2.weight").zero_()
+    _, _, data = trained()
+    silent = analyze(gm)
+    out = slice_model(silent, profile(silent, data.x_train, data.y_train, 10), 0.95, 1)
+    assert out.stats["nonzero_synapse_fraction"] == 0.0
+
+
+def test_key_units_are_touched_by_key_synapses_on_either_side_of_the_cut(sliced):
+    """At q = 0.05 few synapses stay key: fc1's key output neurons (its bias mask) and fc2's key
+    input neurons are both key units at the cut, and neither side alone covers them."""
+    info, prof, _ = sliced
+    res = slice_model(info, prof, 0.05, 1)
+    fc1_side = res.masks["fc1.bias"]
+    assert (res.key_units >= fc1_side).all()
+    assert (res.key_units & ~fc1_side).any() and not res.key_units.all()
