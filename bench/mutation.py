@@ -154,7 +154,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/slicing.py", "NumberReplacer", "contrib_acc[layers[-1].node][c] = 2.0",
      "formula 2 is linear in the output neuron's CONTRIB: a positive scale changes no ranking "
      "and no sign, so no mask"),
-    ("worker/engine/slicing.py", "NumberReplacer", "shape[0] if masks else ",
+    ("worker/engine/slicing.py", "NumberReplacer", ".shape[0] if masks else 0",
+     "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
+    ("worker/engine/slicing.py", "NumberReplacer", ".shape[0] if masks else 2",
      "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
     ("worker/engine/slicing.py", "NumberReplacer", "sum(m[ 1].numel() for m in masks",
      "every class's mask has the same shape, so class 1's size is class 0's"),
