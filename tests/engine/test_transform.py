@@ -16,6 +16,9 @@ def test_dense_output_loss_is_the_mean_squared_error_over_the_key_neurons():
     keys = torch.tensor([True, False, True])
     # key neurons 0 and 2: errors 1, 2 | -1, -1
     assert float(key_neuron_loss(out, target, keys)) == (1 + 4 + 1 + 1) / 4
+    # one sample, one key neuron: its squared error
+    one = torch.tensor([False, False, True])
+    assert float(key_neuron_loss(out[:1], target[:1], one)) == 4.0
 
 
 def test_a_channel_is_one_neuron_with_all_its_positions():
