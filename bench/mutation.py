@@ -158,10 +158,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
     ("worker/engine/slicing.py", "NumberReplacer", ".shape[0] if masks else 2",
      "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
-    ("worker/engine/slicing.py", "NumberReplacer", "sum(m[ 1].numel() for m in masks",
-     "every class's mask has the same shape, so class 1's size is class 0's"),
-    ("worker/engine/slicing.py", "NumberReplacer", "total = max( 0, sum(m[0]",
-     "the masks are never empty (see above), so the sum is never 0"),
+    ("worker/engine/slicing.py", "NumberReplacer", "total = max(1, sum(m[0].numel() for m in",
+     "every class's mask has the same shape (m[1], m[-1] are as big as m[0]), and M_T's masks "
+     "hold far more than 2 elements, so max(0 or 2, ...) is the sum too"),
     ("worker/engine/slicing.py", "NumberReplacer", "kept / max(total, ",
      "total counts every synapse of M_T for every class: never below 2"),
     ("worker/engine/slicing.py", "NumberReplacer", "sum(nonzero_frac) / max(len(nonzero_frac), ",
