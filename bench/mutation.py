@@ -168,6 +168,12 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/slicing.py", "NumberReplacer", "slice_model(info, prof, 2.0, p)",
      "full_slice: q = 2 gives a negative frozen count, and argsort[:-n] of n values freezes "
      "nothing, exactly as q = 1; the masks are then set to all-true anyway"),
+    ("worker/engine/transform.py", "NumberReplacer", "(out - target).flatten( 3)",
+     "M_T's outputs are 2-D or 4-D: flattening a 4-D one from dim 3 keeps (N, U, H, W), and the "
+     "mean over the selected channels is over the same numbers"),
+    ("worker/engine/transform.py", "NumberReplacer", "if out.dim() > 3 else",
+     "a 3-D output would take the other branch, whose unsqueeze keeps the same numbers per "
+     "neuron: the selection and the mean are unchanged"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),
