@@ -106,6 +106,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "a missing adaptive score ranks last with any negative stand-in: accuracies are >= 0"),
     ("worker/engine/report.py", "NumberReplacer", "json.dumps(report, indent=2, allow_nan=False)",
      "harmless: report.json's indentation; every reader parses the same object"),
+    ("worker/engine/report.py", "ReplaceBinaryOperator_Mul_Div",
+     "clean_drop_limit: float, /, original_clean",
+     "the keyword-only marker `*` made `/`: every caller passes methods and the limit by "
+     "position and original_clean by keyword, which both signatures accept"),
     ("worker/engine/report.py", "ReplaceFalseWithTrue", "allow_nan=False",
      "_jsonable has already turned NaN and inf into null, so there is no NaN left to allow"),
     ("service/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
