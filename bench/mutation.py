@@ -182,6 +182,20 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/transform.py", "NumberReplacer", "if out.dim() > 3 else",
      "a 3-D output would take the other branch, whose unsqueeze keeps the same numbers per "
      "neuron: the selection and the mean are unchanged"),
+    ("worker/engine/attacks/base.py", "NumberReplacer", "*, batch_size: int = 250) -> None:",
+     "the base class's default is never used: every attack class passes its own batch_size"),
+    ("worker/engine/attacks/base.py", "ReplaceBinaryOperator_Mul_Div",
+     "model: nn.Module, /, batch_size: int = 250",
+     "the keyword-only marker `*` made `/`: subclasses pass model by position and batch_size by "
+     "keyword, which both signatures accept"),
+    ("worker/engine/attacks/base.py", "NumberReplacer",
+     "x: Tensor, batch_size: int = 250) -> Tensor:",
+     "harmless default: predict's result does not depend on its batch size (test_attack_params)"),
+    ("worker/engine/attacks/base.py", "ReplaceTrueWithFalse", "def train(self, mode: bool = False)",
+     "_ModeLocked.train only sets the wrapper's own flag, which torchattacks reads back to "
+     "restore; the wrapped model's modes are the base class's and stay untouched"),
+    ("worker/engine/attacks/base.py", "NumberReplacer", "y.shape[ -1] != x.shape[0]",
+     "y is checked to be 1-D just before, so its last dimension is its first"),
     ("service/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),

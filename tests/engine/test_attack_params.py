@@ -149,6 +149,13 @@ def test_parameter_checks_at_their_bounds():
         with pytest.raises(AttackParamError):
             check_float("v", 0.0, **kw)
     assert check_float("v", 0.5, 0.0, 1.0, lo_open=True, hi_open=True) == 0.5
+    # the message states the bound as it is: open or closed
+    with pytest.raises(AttackParamError, match="v must be <= 1.0"):
+        check_float("v", 1.5, hi=1.0)
+    with pytest.raises(AttackParamError, match="v must be < 1.0"):
+        check_float("v", 1.0, hi=1.0, hi_open=True)
+    with pytest.raises(AttackParamError, match="v must be > 0.0"):
+        check_float("v", 0.0, lo=0.0, lo_open=True)
     for bad in (True, "1", float("inf"), float("nan"), -0.1, 1.1):
         with pytest.raises(AttackParamError):
             check_float("v", bad, 0.0, 1.0)
