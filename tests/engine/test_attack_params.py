@@ -126,7 +126,7 @@ def test_inputs_are_checked_at_their_edges():
     with pytest.raises(ValueError, match="x must be"):
         atk((x * 255).long(), y)
     for bad_y in (y.float(), y.bool(), y[:, None], y[:3]):
-        with pytest.raises(ValueError, match="y must be"):
+        with pytest.raises(ValueError, match=r"y must be an integer tensor of shape \(4,\)"):
             atk(x, bad_y)
     on_meta = _Shift(_model().to("meta"), 0.0)
     with pytest.raises(ValueError, match="move one of them"):
