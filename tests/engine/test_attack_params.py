@@ -116,7 +116,7 @@ def test_the_base_class_batches_and_clamps_into_the_box():
 
 def test_inputs_are_checked_at_their_edges():
     atk = _Shift(_model(), 0.0)
-    x, y = _xy(4)
+    x, y = _xy(5)  # not 4: the images are 4 x 4, and the message must name the batch's size
     edge = x.clone()
     edge[0, 0, 0, 0], edge[1, 0, 0, 0] = 0.0, 1.0
     assert torch.equal(atk(edge, y), edge)  # 0 and 1 themselves are inside
@@ -126,7 +126,7 @@ def test_inputs_are_checked_at_their_edges():
     with pytest.raises(ValueError, match="x must be"):
         atk((x * 255).long(), y)
     for bad_y in (y.float(), y.bool(), y[:, None], y[:3]):
-        with pytest.raises(ValueError, match=r"y must be an integer tensor of shape \(4,\)"):
+        with pytest.raises(ValueError, match=r"y must be an integer tensor of shape \(5,\)"):
             atk(x, bad_y)
     on_meta = _Shift(_model().to("meta"), 0.0)
     with pytest.raises(ValueError, match="move one of them"):
