@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,27 +35,32 @@ KEEP = "<!-- kept by bench/mutation.py: hand-written below -->"
 # catch a bug there), fastest first: a killed mutant stops at its first failing test (-x).
 _B = "tests/engine/test_behaviours.py::test_"
 _SB = "tests/service/test_behaviours.py::test_"
+_ATTACKS = ["tests/engine/test_attack_params.py", "tests/engine/test_attacks.py"]
 MODULES: dict[str, list[str]] = {
     "worker/engine/tuning.py": [f"{_B}weight_decay_never_moves_a_weight_outside_every_class_mask",
+                                f"{_B}tuning_progress_ends_at_one_and_an_empty_mined_set_changes_nothing",
+                                f"{_B}dare_sl_reports_the_mean_loss_of_its_first_epoch",
                                 "tests/engine/test_tuning.py"],
     "worker/engine/mining.py": [f"{_B}a_wrong_final_model_counts_as_confidence_zero",
-                                "tests/engine/test_tuning.py"],
+                                "tests/engine/test_mining.py", "tests/engine/test_tuning.py"],
     "worker/engine/slicing.py": ["tests/engine/test_slicing.py", "tests/engine/test_tuning.py"],
-    "worker/engine/transform.py": ["tests/engine/test_tuning.py", "tests/engine/test_slicing.py"],
+    "worker/engine/transform.py": ["tests/engine/test_transform.py", "tests/engine/test_tuning.py"],
     "worker/engine/evaluation.py": [f"{_B}the_adaptive_attack_is_built_against_each_hardened_model",
                                     f"{_B}adaptive_accuracy_is_the_hardened_model_on_its_own_attack",
                                     f"{_B}evaluation_eps_reaches_every_linf_attack",
                                     "tests/engine/test_evaluation.py"],
     "worker/engine/report.py": [f"{_B}a_drop_exactly_at_the_budget_is_within_it",
+                                f"{_B}a_method_without_an_adaptive_score_ranks_last",
+                                f"{_B}report_files_take_numpy_and_torch_scalars_and_can_be_rewritten",
                                 "tests/engine/test_report.py"],
-    "worker/engine/attacks/base.py": ["tests/engine/test_attacks.py"],
-    "worker/engine/attacks/fgsm.py": ["tests/engine/test_attacks.py"],
-    "worker/engine/attacks/bim.py": ["tests/engine/test_attacks.py"],
-    "worker/engine/attacks/pgd.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/base.py": _ATTACKS,
+    "worker/engine/attacks/fgsm.py": _ATTACKS,
+    "worker/engine/attacks/bim.py": _ATTACKS,
+    "worker/engine/attacks/pgd.py": _ATTACKS,
     "worker/engine/attacks/cw.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/jsma.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/minimal.py": ["tests/engine/test_attacks.py"],
-    "worker/engine/attacks/__init__.py": ["tests/engine/test_attacks.py"],
+    "worker/engine/attacks/__init__.py": _ATTACKS,
     "worker/engine/archive_safety.py": ["tests/service/test_hostile.py",
                                         "tests/engine/test_modelio.py", "tests/service/test_uploads.py"],
     "service/api/idempotency.py": [f"{_SB}a_same_size_change_of_a_file_is_another_request",
@@ -88,15 +94,22 @@ OPERATORS = [
     "NumberReplacer", "ZeroIterationForLoop", "ExceptionReplacer",
 ]
 
-# Mutants judged equivalent (no behaviour changes), left out of the score:
-# (module, operator, a piece of the mutated line, why).
-# (module or "*", operator, a piece of the mutated line, why).
+# Surviving mutants judged equivalent (no behaviour changes), left out of the score:
+# (module or "*", operator, a piece of the line as committed or as mutated, why).
 EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("*", "ReplaceBinaryOperator_BitOr_BitAnd", "| None",
      "a type annotation: with `from __future__ import annotations` it is never evaluated"),
     ("worker/engine/report.py", "ReplaceComparisonOperator_LtE_Lt",
      "original - hardened <= clean_drop_limit + _EPS",
      "with the 1e-12 tolerance '<' and '<=' differ only when the drop is exactly budget + 1e-12"),
+    ("worker/engine/report.py", "NumberReplacer", "else - 2.0, m[\"clean_accuracy\"]",
+     "a missing adaptive score ranks last with any negative stand-in: accuracies are >= 0"),
+    ("worker/engine/report.py", "NumberReplacer", "json.dumps(report, indent=2, allow_nan=False)",
+     "harmless: report.json's indentation; every reader parses the same object"),
+    ("worker/engine/report.py", "ReplaceBinaryOperator_Mul_Div",
+     "clean_drop_limit: float, /, original_clean",
+     "the keyword-only marker `*` made `/`: every caller passes methods and the limit by "
+     "position and original_clean by keyword, which both signatures accept"),
     ("worker/engine/report.py", "ReplaceFalseWithTrue", "allow_nan=False",
      "_jsonable has already turned NaN and inf into null, so there is no NaN left to allow"),
     ("service/api/idempotency.py", "ReplaceTrueWithFalse", "sort_keys=True",
@@ -107,6 +120,82 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/tuning.py", "NumberReplacer", "c = int(y[b[0]])",
      "every batch holds one class, so any of its samples names the batch's class (b[1] differs "
      "only for a one-sample batch, where it raises)"),
+    ("worker/engine/tuning.py", "ZeroIterationForLoop", "for p in model.parameters():",
+     "_freeze_all: what it would leave trainable is M_T's parameters, made trainable right after, "
+     "or the removed layers', which M_T's graph never reaches: no gradient, no change"),
+    ("worker/engine/tuning.py", "ReplaceTrueWithFalse", "opt.zero_grad(set_to_none=False)",
+     "every parameter in the optimiser is in M_T's graph, so each backward writes every .grad: "
+     "zeroed or None beforehand, the step is the same"),
+    ("worker/engine/tuning.py", "NumberReplacer", "total / max(count, 0)",
+     "an empty mined set returns before the loop, so every epoch counts at least one sample"),
+    ("worker/engine/tuning.py", "NumberReplacer", "if len(x) else -1)",
+     "range(-1) is as empty as range(0)"),
+    ("worker/engine/mining.py", "NumberReplacer", "tutor = torch.full_like(y, - 2)",
+     "the 'no tutor' mark: any negative value is left out by `tutor >= 0`"),
+    ("worker/engine/mining.py", "NumberReplacer", "fraction: float = 1.5",
+     "t - ceil(1.5 t) = -ceil(0.5 t): the negative start index picks the same latest half"),
+    ("worker/engine/mining.py", "ReplaceBinaryOperator_Mul_Div", "y: torch.Tensor, /, fraction",
+     "the keyword-only marker `*` made `/` (x, y positional-only): every caller passes x and y by "
+     "position and the rest by keyword, which both signatures accept"),
+    ("worker/engine/mining.py", "NumberReplacer", "seed: int = 0, batch_size: int = 500,",
+     "harmless defaults: the mine stage passes the job's seed, and the batch size changes no "
+     "result (test_mining_does_not_depend_on_the_batch_size)"),
+    ("worker/engine/mining.py", "NumberReplacer", "len(targets) / max(len(idx), 0))",
+     "the tutors' loop runs only when some sample has a tutor, so len(idx) is never 0 there"),
+    ("worker/engine/mining.py", "NumberReplacer", "the model lacks: {unexpected[:",
+     "harmless: how many of the unknown tensor names the error message quotes"),
+    ("worker/engine/slicing.py", "NumberReplacer", "/ total, 5)",
+     "harmless: the frozen share's reported rounding (5 digits instead of 6)"),
+    ("worker/engine/slicing.py", "NumberReplacer", "/ total, 7)",
+     "harmless: the frozen share's reported rounding (7 digits instead of 6)"),
+    ("worker/engine/slicing.py", "NumberReplacer", ".mean()), 5)",
+     "harmless: the per-layer frozen share's reported rounding (5 digits instead of 6)"),
+    ("worker/engine/slicing.py", "NumberReplacer", ".mean()), 7)",
+     "harmless: the per-layer frozen share's reported rounding (7 digits instead of 6)"),
+    ("worker/engine/slicing.py", "NumberReplacer", "nrm.bias_key].shape[ -1]",
+     "a norm's weight and bias are 1-D: their last dimension is their first"),
+    ("worker/engine/slicing.py", "ReplaceOrWithAnd", "nrm.weight_key and nrm.bias_key",
+     "a norm has both an affine weight and bias or neither, and both have its channel count"),
+    ("worker/engine/slicing.py", "NumberReplacer", "if w.dim() > 3 else w",
+     "the graph analysis takes only conv2d (4-D weights) and linear (2-D) layers: > 2 and > 3 "
+     "split them the same way (a conv1d model is refused, checked)"),
+    ("worker/engine/slicing.py", "NumberReplacer", "contrib_acc[layers[-1].node][c] = 2.0",
+     "formula 2 is linear in the output neuron's CONTRIB: a positive scale changes no ranking "
+     "and no sign, so no mask"),
+    ("worker/engine/slicing.py", "NumberReplacer", ".shape[0] if masks else 0",
+     "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
+    ("worker/engine/slicing.py", "NumberReplacer", ".shape[0] if masks else 2",
+     "frozen_shares always gets M_T's masks, never none (graph.cut keeps k >= 1 layers)"),
+    ("worker/engine/slicing.py", "NumberReplacer", "total = max(1, sum(m[0].numel() for m in",
+     "every class's mask has the same shape (m[1], m[-1] are as big as m[0]), and M_T's masks "
+     "hold far more than 2 elements, so max(0 or 2, ...) is the sum too"),
+    ("worker/engine/slicing.py", "NumberReplacer", "kept / max(total, ",
+     "total counts every synapse of M_T for every class: never below 2"),
+    ("worker/engine/slicing.py", "NumberReplacer", "sum(nonzero_frac) / max(len(nonzero_frac), ",
+     "one entry per class and M_T layer: never below 2"),
+    ("worker/engine/slicing.py", "NumberReplacer", "slice_model(info, prof, 2.0, p)",
+     "full_slice: q = 2 gives a negative frozen count, and argsort[:-n] of n values freezes "
+     "nothing, exactly as q = 1; the masks are then set to all-true anyway"),
+    ("worker/engine/transform.py", "NumberReplacer", "(out - target).flatten( 3)",
+     "M_T's outputs are 2-D or 4-D: flattening a 4-D one from dim 3 keeps (N, U, H, W), and the "
+     "mean over the selected channels is over the same numbers"),
+    ("worker/engine/transform.py", "NumberReplacer", "if out.dim() > 3 else",
+     "a 3-D output would take the other branch, whose unsqueeze keeps the same numbers per "
+     "neuron: the selection and the mean are unchanged"),
+    ("worker/engine/attacks/base.py", "NumberReplacer", "*, batch_size: int = 250) -> None:",
+     "the base class's default is never used: every attack class passes its own batch_size"),
+    ("worker/engine/attacks/base.py", "ReplaceBinaryOperator_Mul_Div",
+     "model: nn.Module, /, batch_size: int = 250",
+     "the keyword-only marker `*` made `/`: subclasses pass model by position and batch_size by "
+     "keyword, which both signatures accept"),
+    ("worker/engine/attacks/base.py", "NumberReplacer",
+     "x: Tensor, batch_size: int = 250) -> Tensor:",
+     "harmless default: predict's result does not depend on its batch size (test_attack_params)"),
+    ("worker/engine/attacks/base.py", "ReplaceTrueWithFalse", "def train(self, mode: bool = False)",
+     "_ModeLocked.train only sets the wrapper's own flag, which torchattacks reads back to "
+     "restore; the wrapped model's modes are the base class's and stay untouched"),
+    ("worker/engine/attacks/base.py", "NumberReplacer", "y.shape[ -1] != x.shape[0]",
+     "y is checked to be 1-D just before, so its last dimension is its first"),
     ("service/api/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),
@@ -148,13 +237,31 @@ def _scratch_copy(scratch: Path) -> None:
 
 def _env(scratch: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join([str(scratch), str(scratch / "clients" / "python")]),
-               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    # DARE_TEST_WEIGHTS: the engine tests' subjects are trained once and kept beside the sessions
+    # (tests/engine/tiny.py: trained_once); their training uses no mutated module.
+    env.update(PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               DARE_TEST_WEIGHTS=str(scratch.parent / "weights"))
     return env
 
 
-def _config(module: str, tests: list[str], timeout: float) -> str:
-    cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider " + " ".join(tests)
+def _pytest(module: str) -> list[str]:
+    # schemathesis's plugin imports a few seconds of modules that no engine test uses
+    skip = ["-p", "no:schemathesis"] if module.startswith("worker/") else []
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *skip]
+
+
+def _forked(module: str) -> bool:
+    # the engine's tests run in-process, so they can share one set of imports (pytest_fork.py);
+    # the service's start servers and workers of their own and keep a fresh process each
+    return module.startswith("worker/")
+
+
+def _config(module: str, tests: list[str], timeout: float, sock: Path | None = None) -> str:
+    if sock is None:
+        cmd = " ".join([*_pytest(module), *tests])
+    else:
+        cmd = " ".join([sys.executable, "-S", str(REPO / "bench" / "pytest_fork.py"), "run",
+                        str(sock), *_pytest(module)[3:], "--assert=plain", *tests])
     ops = ", ".join(f'"core/{o}"' for o in OPERATORS)
     return (f'[cosmic-ray]\nmodule-path = "{module}"\ntimeout = {timeout:.0f}\n'
             f'excluded-modules = []\ntest-command = "{cmd}"\n\n'
@@ -204,8 +311,8 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
     if not session.exists():
         # the baseline (unmutated) run both checks the tests pass and sizes the timeout
         b0 = time.perf_counter()
-        base = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               *tests], cwd=scratch, env=env, capture_output=True, text=True)
+        base = subprocess.run([*_pytest(module), *tests], cwd=scratch, env=env,
+                              capture_output=True, text=True)
         if base.returncode != 0:
             row.note = "baseline failed: " + (base.stdout.strip().splitlines() or ["?"])[-1]
             return row
@@ -219,12 +326,30 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         _retest_survivors(scratch, session)
     left = budget_s - (time.perf_counter() - t0)
     if execute and left > 0:
+        # a run stopped in the middle of a mutant leaves that mutant on disk: start from HEAD's
+        (scratch / module).write_bytes(subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO,
+                                                      check=True, capture_output=True).stdout)
+        server = None
+        if _forked(module):
+            sock = scratch / "pytest.sock"
+            timeout = float(re.search(r"^timeout = (\d+)", (scratch / "cr.toml").read_text(),
+                                      re.MULTILINE).group(1))
+            (scratch / "cr.toml").write_text(_config(module, tests, timeout, sock))
+            sock.unlink(missing_ok=True)
+            server = subprocess.Popen([sys.executable, str(REPO / "bench" / "pytest_fork.py"),
+                                       "serve", str(sock)], cwd=scratch, env=env)
+            while not sock.exists() and server.poll() is None:
+                time.sleep(0.5)
         try:
             subprocess.run([str(Path(sys.executable).with_name("cosmic-ray")), "exec", "cr.toml",
-                            "session.sqlite"], cwd=scratch, env=env, timeout=left,
-                           capture_output=True)
+                            "session.sqlite"], cwd=scratch, env=env,
+                           timeout=budget_s - (time.perf_counter() - t0), capture_output=True)
         except subprocess.TimeoutExpired:
             pass
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
     row.seconds = time.perf_counter() - t0
     row.seconds += _recorded_seconds(scratch, row.seconds if execute else 0.0)
     with use_db(str(session), WorkDB.Mode.open) as db:
@@ -237,11 +362,15 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
             if result.test_outcome is None or result.worker_outcome == WorkerOutcome.SKIPPED:
                 row.total -= 1  # filtered out
                 continue
-            if any(e[0] in (module, "*") and m.operator_name.endswith(e[1]) and e[2] in line
-                   for e in EQUIVALENT):
-                row.equivalent += 1
-            elif result.test_outcome == TestOutcome.INCOMPETENT:
+            # the mutant's own line: the piece of an EQUIVALENT entry may name the mutation
+            mutant = " ".join(x[1:].strip() for x in (result.diff or "").splitlines()
+                              if x.startswith("+") and not x.startswith("+++"))
+            if result.test_outcome == TestOutcome.INCOMPETENT:
                 row.incompetent += 1
+            elif result.test_outcome == TestOutcome.SURVIVED and any(
+                    e[0] in (module, "*") and m.operator_name.endswith(e[1])
+                    and (e[2] in line or e[2] in mutant) for e in EQUIVALENT):
+                row.equivalent += 1  # judged equivalent: only a survivor can be
             elif result.test_outcome == TestOutcome.SURVIVED:
                 row.survived += 1
                 row.survivors.append(where)

@@ -15,6 +15,8 @@ from worker.engine.errors import Cancelled
 from worker.engine.evaluation import accuracy, evaluate, select_samples
 from worker.engine.sanity import run_sanity, sanity_checks
 
+from .tiny import trained_once
+
 ALL = ["fgsm", "bim", "pgd", "cw", "jsma"]
 
 
@@ -36,19 +38,23 @@ def _digits_and_weights():
     tr, va = slice(0, 1077), slice(1077, 1437)
     te = slice(1437, None)
     splits = Splits("digits", x[tr], y[tr], x[va], y[va], x[te], y[te], 10)
-    torch.manual_seed(0)
-    m = tiny_cnn()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(12):
-        p = torch.randperm(len(splits.x_train), generator=g)
-        for i in range(0, len(p), 64):
-            b = p[i:i + 64]
-            loss = nn.functional.cross_entropy(m(splits.x_train[b]), splits.y_train[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return splits, copy.deepcopy(m.eval().state_dict())
+
+    def train():
+        torch.manual_seed(0)
+        m = tiny_cnn()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            p = torch.randperm(len(splits.x_train), generator=g)
+            for i in range(0, len(p), 64):
+                b = p[i:i + 64]
+                loss = nn.functional.cross_entropy(m(splits.x_train[b]), splits.y_train[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return copy.deepcopy(m.eval().state_dict())
+
+    return splits, trained_once("evaluation-cnn", train)
 
 
 def digits_and_model() -> tuple[Splits, nn.Module]:

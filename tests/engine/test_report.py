@@ -173,3 +173,100 @@ def test_report_from_a_real_evaluation(tmp_path):
     paths = R.write_report(rep, tmp_path)
     page = paths["report.html"].read_text()
     assert "<polyline" in page and "http" not in page.replace("(redacted)", "")
+
+
+def test_versions_name_the_first_gpu_and_none_without_one(monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        v = R.versions()
+        assert v["cuda"] is None and v["gpu"] is None
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: asked.append(i) or f"GPU{i}")
+    monkeypatch.setattr(torch.version, "cuda", "12.9")
+    v = R.versions()
+    assert (v["cuda"], v["gpu"], asked) == ("12.9", "GPU0", [0])
+
+
+def test_a_package_that_is_not_installed_has_no_version(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(pkg):
+        if pkg == "pyautoattack":
+            raise metadata.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(metadata, "version", version)
+    v = R.versions()
+    assert v["pyautoattack"] is None and v["torchattacks"] == real("torchattacks")
+
+
+def test_paths_become_strings_and_the_directories_are_made(tmp_path):
+    from pathlib import Path
+
+    assert R._jsonable({"p": Path("/a/b"), 1: (True, None)}) == {"p": "/a/b", "1": [True, None]}
+    with pytest.raises(TypeError, match="object"):
+        R._jsonable({"x": object()})
+    paths = R.write_report(_report(), tmp_path / "job" / "artifacts")
+    assert json.loads(paths["report.json"].read_text())["method"] == "dare"
+
+
+def test_autoattack_is_the_headline_only_when_it_measured_both_models():
+    both = {"original_accuracy": 0.1, "adaptive_accuracy": 0.2}
+    assert R.headline_attack({"pgd": both, "autoattack": both}) == "autoattack"
+    assert R.headline_attack({"autoattack": {**both, "adaptive_accuracy": None}}) is None
+    assert R.headline_attack({"autoattack": {**both, "original_accuracy": None}}) is None
+    assert R.headline_attack({"pgd": both}) is None and R.headline_attack({"autoattack": 0.3}) is None
+
+
+def test_autoattack_time_is_stated_beside_the_stages():
+    ev = _evaluation({"dare": (0.90, 0.6, 0.3)})
+    ev["timings_s"] = {"autoattack": 12.5, "pgd": 1.0}
+    assert _report(evaluation=ev)["timings_s"] == {"slice": 1.0, "mine": 2.0, "tune": 3.0,
+                                                   "evaluate": 4.0, "autoattack": 12.5}
+    ev["timings_s"] = {"pgd": 1.0}
+    assert "autoattack" not in _report(evaluation=ev)["timings_s"]
+
+
+def test_intervals_and_the_extra_sections_of_an_attack():
+    from worker.engine.stats import wilson
+
+    ev = _evaluation({"dare": (0.90, 0.6, 0.3), "at_pgd": (0.85, 0.7, 0.5)})
+    ev["n_test"] = 400
+    pgd = ev["attacks"]["pgd"]
+    pgd["l2_perturbation"] = {"original": {"median": 0.4}, "note": "n"}
+    pgd["per_model"]["dare"]["l2_perturbation"] = {"median": 0.7}
+    pgd["minimal_perturbation"] = {"norm": "linf", "note": "m", "original": {"median": 0.1},
+                                   "curve": {"budget": [0.0, 0.1], "original": [0.9, 0.1],
+                                             "dare": [0.9, 0.5], "at_pgd": [0.9, 0.6]}}
+    pgd["per_model"]["dare"]["minimal_perturbation"] = {"median": 0.2}
+    pgd["breakdown"] = {"original": {"clean": 0.9}, "dare": {"clean": 0.8}}
+    pgd["per_model"]["dare"]["breakdown"] = {"clean": 0.8}
+    rep = _report(evaluation=ev)
+    a = rep["attacks"]["pgd"]
+    assert a["ci95"] == {"original_accuracy": wilson(0.05, 100), "transfer_er": wilson(0.6, 100),
+                         "adaptive_accuracy": wilson(0.3, 100)}
+    assert a["l2_perturbation"] == {"original": {"median": 0.4}, "note": "n", "hardened": {"median": 0.7}}
+    assert a["minimal_perturbation"] == {
+        "norm": "linf", "note": "m", "original": {"median": 0.1}, "hardened": {"median": 0.2},
+        "curve": {"budget": [0.0, 0.1], "original": [0.9, 0.1], "hardened": [0.9, 0.5]}}
+    assert a["breakdown"] == {"original": {"clean": 0.9}, "hardened": {"clean": 0.8}}
+    assert "l2_perturbation" not in rep["attacks"]["fgsm"]
+    ca = rep["clean_accuracy"]
+    assert ca["n"] == 400 and ca["ci95"] == {"original": wilson(0.95, 400), "hardened": wilson(0.90, 400)}
+
+
+def test_method_means_skip_missing_numbers_and_summaries_pass_through():
+    ev = _evaluation({"dare": (0.90, 0.6, 0.3)})
+    ev["attacks"]["pgd"]["per_model"]["dare"] = {"transfer_er": 0.1, "adaptive_accuracy": None}
+    s = R.method_summary(ev, "dare", 0.04)
+    assert s["mean_transfer_er"] == pytest.approx((4 * 0.6 + 0.1) / 5)
+    assert s["mean_adaptive_accuracy"] == pytest.approx(0.3)  # the mean of the four it has
+    assert s["within_budget"] is False and s["clean_accuracy"] == 0.90
+    given = {"methods": {"a": {**_m(0.9, True, 0.3), "extra": 1}, "b": _m(0.9, False, 0.9)}}
+    comp = R.build_comparison(given, 0.1)
+    assert comp["methods"]["a"] == _m(0.9, True, 0.3) and comp["recommended"] == "a"
+    assert R.rule_for({}) == R.RULE

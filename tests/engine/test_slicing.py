@@ -111,3 +111,94 @@ def test_dare_s_frees_everything(sliced):
     info, prof, _ = sliced
     res = full_slice(info, prof, 1)
     assert all(m.all() for m in res.masks.values()) and res.key_units.all()
+
+
+def test_frozen_count_rounds_half_up_and_never_freezes_everything():
+    from worker.engine.slicing import frozen_count
+
+    assert frozen_count(5, 0.9) == 1  # (1 - 0.9) * 5 is 0.4999... in floating point
+    assert frozen_count(10, 0.95) == 1 and frozen_count(30, 0.95) == 2
+    assert frozen_count(10, 0.1) == 9 and frozen_count(10, 0.0) == 9  # one synapse always stays
+    assert frozen_count(10, 1.0) == 0 and frozen_count(0, 0.5) == 0
+    assert int((~top_fraction(torch.arange(10.0), 0.0)).sum()) == 9
+
+
+def test_ties_are_broken_by_position_among_many():
+    """Thousands of equal contributions (dead units): the lowest flat indices are frozen."""
+    v = torch.zeros(5000)
+    v[::7] = 1.0
+    keep = top_fraction(v, 0.5)
+    zeros = torch.nonzero(v == 0).squeeze(1)
+    assert torch.equal(torch.nonzero(~keep).squeeze(1), zeros[:2500])
+
+
+def test_key_synapse_fraction_counts_the_kept_synapses_of_mt(sliced):
+    info, _, res = sliced
+    kept = total = 0
+    for L in info.layers[:res.k]:
+        m = res.masks[L.weight_key]
+        syn = m.flatten(3)[..., 0] if m.dim() > 3 else m  # a conv synapse is a whole kernel
+        kept += int(syn.sum())
+        total += syn.numel()
+    assert res.stats["key_synapse_fraction"] == kept / total
+    assert res.stats["key_units_per_class"] == res.key_units.sum(1).tolist()
+    assert res.stats["cut_units"] == res.key_units.shape[1] == 32
+    assert res.stats["q"] == 0.95 and res.stats["layers_in_mt"] == [L.node for L in info.layers[:res.k]]
+    assert 0 < res.stats["nonzero_synapse_fraction"] < 1
+
+
+def test_a_norm_channel_is_tuned_with_the_conv_channel_it_normalises(sliced):
+    """c1 -> bn: bn's channel c is free for a class exactly when c1's output channel c is a key
+    neuron of that class (c1's bias mask says which). At q = 0.5 half of c1's channels are not."""
+    info, prof, _ = sliced
+    res = slice_model(info, prof, 0.5, 1)
+    assert torch.equal(res.masks["bn.weight"], res.masks["c1.bias"])
+    assert torch.equal(res.masks["bn.bias"], res.masks["c1.bias"])
+    assert res.masks["bn.weight"].any() and not res.masks["bn.weight"].all()
+
+
+def test_dare_s_stats_say_nothing_is_frozen(sliced):
+    info, prof, _ = sliced
+    res = full_slice(info, prof, 1)
+    s = res.stats
+    assert s["q"] == 1.0 and s["key_synapse_fraction"] == 1.0 and s["variant"] == "no slicing"
+    assert s["frozen_share"]["overall"] == 0.0 and s["frozen_share"]["by_every_class"] == 0.0
+    assert s["key_units_per_class"] == [s["cut_units"]] * 10
+
+
+def test_a_flattened_conv_channel_hands_all_its_positions_to_the_cut(sliced):
+    """Two layers removed: M_T ends at the flattened conv features (8 channels x 16 positions)
+    that fc1 reads. A channel that is a key neuron of c2 makes all 16 of its features key units."""
+    info, prof, _ = sliced
+    res = slice_model(info, prof, 0.95, 2)
+    assert res.stats["cut_units"] == 128 and "fc1.weight" not in res.masks
+    per_channel = res.key_units.view(10, 8, 16)
+    key_c2 = res.masks["c2.bias"]  # c2's key output channels, per class
+    assert key_c2.any()
+    assert per_channel[key_c2].all()
+
+
+def test_with_a_silent_last_layer_no_synapse_contributes(sliced):
+    """fc2's weights zeroed: the output no longer depends on the input, every class delta there is
+    0, so formula 2 gives 0 to every synapse of M_T; on the trained model most are not 0."""
+    import copy
+
+    info, prof, res = sliced
+    assert res.stats["nonzero_synapse_fraction"] > 0.5
+    gm = copy.deepcopy(info.gm)
+    with torch.no_grad():
+        gm.get_parameter("fc2.weight").zero_()
+    _, _, data = trained()
+    silent = analyze(gm)
+    out = slice_model(silent, profile(silent, data.x_train, data.y_train, 10), 0.95, 1)
+    assert out.stats["nonzero_synapse_fraction"] == 0.0
+
+
+def test_key_units_are_touched_by_key_synapses_on_either_side_of_the_cut(sliced):
+    """At q = 0.05 few synapses stay key: fc1's key output neurons (its bias mask) and fc2's key
+    input neurons are both key units at the cut, and neither side alone covers them."""
+    info, prof, _ = sliced
+    res = slice_model(info, prof, 0.05, 1)
+    fc1_side = res.masks["fc1.bias"]
+    assert (res.key_units >= fc1_side).all()
+    assert (res.key_units & ~fc1_side).any() and not res.key_units.all()

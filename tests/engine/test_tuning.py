@@ -1,3 +1,6 @@
+import copy
+import time
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ from worker.engine.graph import analyze
 from worker.engine.mining import mine_oracles
 from worker.engine.profiling import profile
 from worker.engine.slicing import full_slice, slice_model
+from worker.engine.transform import build_mt
 from worker.engine.tuning import tune_dare, tune_full_model
 
 from .tiny import only_classes, trained
@@ -152,3 +156,84 @@ def test_cancel_is_honoured_between_batches(setup):
     calls = iter(range(1000))
     with pytest.raises(Cancelled):
         tune_dare(gm, res, mined, TuneConfig(epochs=5), cancelled=lambda: next(calls) >= 3)
+
+
+# --- the summary each variant reports, and what a class's batches may touch ----------------
+
+def _key_loss_per_sample(gm, res, mined) -> torch.Tensor:
+    """Formula 3 per sample, computed here: the squared error over its class's key neurons."""
+    with torch.no_grad():
+        diff = build_mt(gm, res.cut_node)(mined.x) - mined.target
+    keys = res.key_units[mined.y]
+    return (diff.pow(2) * keys).sum(1) / keys.sum(1)
+
+
+def test_dare_reports_the_mean_key_neuron_loss_of_its_first_epoch(setup):
+    """With a vanishing learning rate the first epoch's loss is formula 3's mean over the mined
+    samples (batches of unequal size weighted by their size), for many samples and for one."""
+    gm, _, _, _, _, res, mined = setup
+    two = only_classes(mined, (3, 5))
+    assert (res.key_units[[3, 5]].sum(1) > 0).all()
+    slow = TuneConfig(epochs=1, lr=1e-12, batch_size=7)
+    _, info = tune_dare(gm, res, two, slow)
+    want = _key_loss_per_sample(gm, res, two)
+    assert info["loss_first"] == pytest.approx(float(want.mean()), rel=1e-4)
+    assert info["steps"] == sum(-(-int((two.y == c).sum()) // 7) for c in (3, 5))
+    one = only_classes(two, (3,))
+    one = type(one)(**{**one.to_state(), **{k: getattr(one, k)[:1] for k in
+                                            ("x", "y", "target", "tutor", "tutor_logits")}})
+    _, info = tune_dare(gm, res, one, slow)
+    assert info["loss_first"] == pytest.approx(float(want[two.y == 3][0]), rel=1e-4)
+    # DARE-adv adds the same loss on the attack's examples: an attack that changes nothing
+    # doubles it
+    _, info = tune_dare(gm, res, two, slow, adv_attack=lambda model: lambda x, y: x)
+    assert info["loss_first"] == pytest.approx(2 * float(want.mean()), rel=1e-4)
+
+
+def test_first_and_last_loss_are_the_first_and_last_epochs(setup):
+    """Two epochs of learning: the last epoch's loss is its own, below the first's; a longer run
+    starts with the same first epoch (the same seed draws the same batches)."""
+    gm, _, _, _, _, res, mined = setup
+    two = only_classes(mined, (3, 5))
+    for tune in (lambda cfg: tune_dare(gm, res, two, cfg), lambda cfg: tune_full_model(gm, two, cfg)):
+        t0 = time.perf_counter()
+        _, i2 = tune(TuneConfig(epochs=2, batch_size=8))
+        wall = time.perf_counter() - t0
+        _, i1 = tune(TuneConfig(epochs=1, batch_size=8))
+        assert i2["loss_last"] < i2["loss_first"] == i1["loss_first"] == i1["loss_last"]
+        assert i2["epochs"] == 2 and 0 <= i2["seconds"] <= wall
+
+
+def test_the_tuned_model_is_trainable_and_an_empty_set_says_so(setup):
+    gm, _, _, _, _, res, mined = setup
+    tuned, _ = tune_dare(gm, res, only_classes(mined, (3,)), TuneConfig(epochs=1))
+    assert all(p.requires_grad for p in tuned.parameters())
+    _, info = tune_dare(gm, res, only_classes(mined, ()), TuneConfig(epochs=3))
+    assert info["epochs"] == info["steps"] == 0 and info["seconds"] == 0.0
+    assert info["loss_first"] is None and info["loss_last"] is None and "no mined samples" in info["note"]
+
+
+def test_a_class_that_frees_no_weight_has_no_say_in_the_tuning(setup):
+    """Class 5's batches may move none of the weights here: whatever its samples' targets, the
+    tuned model is the same. Restoring the weights after its steps is not enough for that: its
+    gradients must not reach the optimiser's moments either, or they steer class 3's steps."""
+    gm, _, _, _, _, res, mined = setup
+    two = only_classes(mined, (3, 5))
+    frozen5 = copy.copy(res)
+    frozen5.masks = {k: m.clone() for k, m in res.masks.items()}
+    for m in frozen5.masks.values():
+        m[5] = False
+    other = type(two)(**{**two.to_state(),
+                         "target": torch.where((two.y == 5)[:, None], two.target + 1.0, two.target)})
+    cfg = TuneConfig(epochs=2, batch_size=8)
+    a, _ = tune_dare(gm, frozen5, two, cfg)
+    b, _ = tune_dare(gm, frozen5, other, cfg)
+    moved = 0
+    for k in res.masks:
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k]), k
+        moved += int((a.state_dict()[k] != gm.state_dict()[k]).sum())
+    assert moved > 0
+    # the same change to a class that may move weights does change the result
+    c, _ = tune_dare(gm, res, other, cfg)
+    d, _ = tune_dare(gm, res, two, cfg)
+    assert not torch.equal(c.state_dict()["fc1.weight"], d.state_dict()["fc1.weight"])

@@ -1,7 +1,9 @@
 """A tiny residual CNN on sklearn's digits with a per-epoch history: the engine tests' subject."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -41,9 +43,24 @@ def digits():
                            x_val=x[1000:1400], y_val=y[1000:1400], x_test=x[1400:], y_test=y[1400:])
 
 
-@lru_cache(maxsize=1)
-def trained(epochs: int = 8):
-    """(GraphModule from torch.export, history of SimpleNamespace(name, state), data)."""
+def trained_once(key: str, train):
+    """``train()``'s result (tensors, dicts, lists of them), kept on disk under
+    ``$DARE_TEST_WEIGHTS`` when that is set. bench/mutation.py sets it: the subjects' training
+    depends on no mutated module, and repeating it for every mutant was a third of each run."""
+    where = os.environ.get("DARE_TEST_WEIGHTS")
+    if not where:
+        return train()
+    f = Path(where) / f"{key}-torch{torch.__version__}.pt"
+    if f.exists():
+        return torch.load(f, weights_only=True)
+    out = train()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, f.with_suffix(".tmp"))
+    f.with_suffix(".tmp").replace(f)
+    return out
+
+
+def _train_tiny(epochs: int) -> dict:
     torch.manual_seed(0)
     data = digits()
     m = TinyNet()
@@ -55,8 +72,18 @@ def trained(epochs: int = 8):
             opt.zero_grad()
             nn.functional.cross_entropy(m(data.x_train[i:i + 32]), data.y_train[i:i + 32]).backward()
             opt.step()
-        history.append(SimpleNamespace(name=f"epoch_{e + 1}",
-                                       state={k: v.clone() for k, v in m.state_dict().items()}))
+        history.append({k: v.clone() for k, v in m.state_dict().items()})
+    return {"final": m.state_dict(), "history": history}
+
+
+@lru_cache(maxsize=1)
+def trained(epochs: int = 8):
+    """(GraphModule from torch.export, history of SimpleNamespace(name, state), data)."""
+    data = digits()
+    run = trained_once(f"tiny-{epochs}", lambda: _train_tiny(epochs))
+    m = TinyNet()
+    m.load_state_dict(run["final"])
+    history = [SimpleNamespace(name=f"epoch_{e + 1}", state=s) for e, s in enumerate(run["history"])]
     m.eval()
     ep = torch.export.export(m, (data.x_train[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
     return plain_graph_module(ep.module()), history, data
