@@ -24,7 +24,7 @@ from service.store.models import JobEvent
 from . import fake_engine
 from .conftest import free_port
 
-mlflow = pytest.importorskip("mlflow")  # the [mlflow] extra; `make install` brings it (dev)
+mlflow = pytest.importorskip("mlflow")  # `make install` installs it (a second pip step, Makefile)
 
 
 @pytest.fixture(scope="module")
