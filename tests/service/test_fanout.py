@@ -39,24 +39,8 @@ COMPARE = {"compare": True, "selection": {"methods": METHODS}}
 BEFORE = ["validate", "slice", "mine", "tune"]
 
 
-@pytest.fixture
-def ctx(client):
-    c = client.app.state.ctx
-    c.settings.requeue_after_s = 30.0
-    c.settings.stage_stale_after_s = 20
-    return c
-
-
-@pytest.fixture
-def pipeline(ctx):
-    return Pipeline(ctx.settings, ctx.factory, ctx.store, runner=fake_engine.run_stage)
-
-
-@pytest.fixture
-def empty_broker():
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
+# the in-process fixtures are the reconciler tests' (the fan-out is driven by the same pieces)
+from .test_reconciler import ctx, empty_broker, pipeline  # noqa: E402, F401
 
 
 def _rows(ctx, jid: str) -> dict[str, StageRun]:
