@@ -77,6 +77,8 @@ def wanted(settings: Settings, config: Mapping[str, Any]) -> bool:
 def log_job(settings: Settings, factory: sessionmaker[Session], job_id: uuid.UUID,
             artifacts_dir: Path, *, sleep: Callable[[float], None] = time.sleep) -> None:
     """Log the succeeded job ``job_id`` (its artifacts are in ``artifacts_dir``); never raises."""
+    if not settings.mlflow_tracking_uri:  # off: not even a read of the job (every job ends here)
+        return
     try:
         with session_scope(factory) as s:
             job = jobs.get_job(s, job_id)
