@@ -17,11 +17,6 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ./clients/python -e '.[dev]'
-	@# MLflow (service/jobs/mlflow_log.py) in a second step: torchattacks 3.5.1 declares
-	@# requests~=2.25.1, which no MLflow release's dependencies accept, so one resolution of both
-	@# backtracks without end. Installed after, MLflow upgrades requests (pip warns about the
-	@# pin); torchattacks runs unchanged on it, and the whole suite runs this way.
-	$(PY) -m pip install -q 'mlflow>=2.14'
 	@# An older install's dare-service owned bin/dare; replacing it removes the script the client
 	@# had just written, so put it back.
 	test -x $(DARE) || $(PY) -m pip install -q --force-reinstall --no-deps -e ./clients/python

@@ -191,9 +191,6 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/base.py", "NumberReplacer",
      "x: Tensor, batch_size: int = 250) -> Tensor:",
      "harmless default: predict's result does not depend on its batch size (test_attack_params)"),
-    ("worker/engine/attacks/base.py", "ReplaceTrueWithFalse", "def train(self, mode: bool = False)",
-     "_ModeLocked.train only sets the wrapper's own flag, which torchattacks reads back to "
-     "restore; the wrapped model's modes are the base class's and stay untouched"),
     ("worker/engine/attacks/base.py", "NumberReplacer", "y.shape[ -1] != x.shape[0]",
      "y is checked to be 1-D just before, so its last dimension is its first"),
     ("service/api/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",

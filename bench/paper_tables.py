@@ -440,10 +440,14 @@ def render_paper_fm(results: list, limit: float) -> list[str]:
     return out
 
 
-def _mean_over_attacks(ev: dict, method: str, kind: str):
-    vals = [_metric(ev, a, method, kind) for a in ATTACKS if a in ev["attacks"]]
+def _mean(vals: list):
+    """The mean of the values that are not None; None when there are none."""
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def _mean_over_attacks(ev: dict, method: str, kind: str):
+    return _mean([_metric(ev, a, method, kind) for a in ATTACKS if a in ev["attacks"]])
 
 
 def _reading(results: list) -> list[str]:
@@ -458,16 +462,21 @@ def _reading(results: list) -> list[str]:
         def beats(x, y, table):
             return sum(1 for u, v in zip(table[x], table[y]) if u is not None and v is not None and u > v)
 
-        orig_t = [sum(ev["attacks"][k]["original_accuracy"] for k in ev["attacks"]) / len(ev["attacks"])
-                  for ev in evs]
-        avg = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
+        # an attack with no adversarial example to score (a subject that gets no test point
+        # right, in the smoke preset) has None figures: left out of the means, not counted as 0
+        orig_t = [_mean([ev["attacks"][k]["original_accuracy"] for k in ev["attacks"]]) for ev in evs]
+
+        def avg(xs):
+            m = _mean(xs)
+            return "n/a" if m is None else f"{100 * m:.1f} %"
+
         lines.append(
             f"- `{protocol}`: averaged over subjects and attacks, the original model keeps "
-            f"{avg(orig_t):.1f} % on its own adversarial examples; DARE's transfer ER is "
-            f"{avg(t['dare']):.1f} %, AT-FGSM's {avg(t['at_fgsm']):.1f} %, AT-PGD's {avg(t['at_pgd']):.1f} %, "
-            f"Madry PGD training's {avg(t['at_pgd_online']):.1f} %, DARE-adv's {avg(t['dare_adv']):.1f} %. "
-            f"Adaptive: DARE {avg(a['dare']):.1f} %, AT-PGD {avg(a['at_pgd']):.1f} %, Madry "
-            f"{avg(a['at_pgd_online']):.1f} %, DARE-adv {avg(a['dare_adv']):.1f} %.")
+            f"{avg(orig_t)} on its own adversarial examples; DARE's transfer ER is "
+            f"{avg(t['dare'])}, AT-FGSM's {avg(t['at_fgsm'])}, AT-PGD's {avg(t['at_pgd'])}, "
+            f"Madry PGD training's {avg(t['at_pgd_online'])}, DARE-adv's {avg(t['dare_adv'])}. "
+            f"Adaptive: DARE {avg(a['dare'])}, AT-PGD {avg(a['at_pgd'])}, Madry "
+            f"{avg(a['at_pgd_online'])}, DARE-adv {avg(a['dare_adv'])}.")
         lines.append(
             f"  DARE beats DARE-rand (mean transfer ER) on {beats('dare', 'dare_rand', t)} of {n} subjects, "
             f"DARE-s on {beats('dare', 'dare_s', t)}, DARE-sl on {beats('dare', 'dare_sl', t)}, and the plain "

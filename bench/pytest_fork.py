@@ -1,7 +1,7 @@
 """A pytest fork server for the mutation runs of the engine modules (bench/mutation.py).
 
 Every mutant's test run used to be a fresh ``python -m pytest``: on the shared two-core machine
-importing torch, sklearn and torchattacks took 20-50 s of each run, more than the tests. The
+importing torch, sklearn and the rest took 20-50 s of each run, more than the tests. The
 server imports those third-party packages once, then forks one child per request; the child runs
 ``pytest.main`` in the scratch copy and imports the project's own modules (the mutated one among
 them) afresh from disk, so it sees the mutant cosmic-ray has just written.
@@ -22,7 +22,7 @@ import sys
 
 # third-party packages the engine tests import; never the project's own (those must be re-read)
 PRELOAD = ("numpy", "torch", "torch.fx", "torch.export", "torch.nn.functional", "torch.optim",
-           "sklearn.datasets", "torchattacks", "hypothesis", "pydantic", "pytest", "onnx",
+           "sklearn.datasets", "hypothesis", "pydantic", "pytest", "onnx",
            "onnxruntime", "onnx2torch", "pytest_timeout", "anyio.pytest_plugin",
            "_hypothesis_pytestplugin", "pytest_subtests.plugin")
 

@@ -6,6 +6,7 @@ FROM ${CUDA_IMAGE}
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+       dataset-fashion-mnist \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -17,7 +18,10 @@ COPY alembic ./alembic
 COPY service ./service
 COPY worker ./worker
 COPY clients/python ./clients/python
-RUN pip install -e . ./clients/python
+# The mlflow extra lets DARE_MLFLOW_TRACKING_URI log each finished job as a run; build with
+# --build-arg EXTRAS= for a smaller image without it.
+ARG EXTRAS=mlflow
+RUN pip install -e ".${EXTRAS:+[$EXTRAS]}" ./clients/python
 
 RUN useradd --uid 10001 --create-home dare && mkdir -p /var/lib/dare && chown dare /var/lib/dare
 USER dare

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus, no auth)")
 
     # MLflow (service.jobs.mlflow_log): each succeeded job becomes a run, unless its config says
-    # "mlflow": false. Needs MLflow installed: pip install 'mlflow>=2.14' (README).
+    # "mlflow": false. Needs MLflow installed: the extra dare-service[mlflow] (README).
     mlflow_tracking_uri: str | None = Field(None, description="e.g. http://mlflow:5000; unset: off")
     mlflow_experiment: str = Field("dare", min_length=1, description="default experiment name")
     mlflow_attempts: int = Field(3, ge=1, description="tries before the run is given up")

@@ -85,13 +85,6 @@ def test_fashion_settings_reach_compare_through_selection():
     assert "epochs [3, 6]" in text and "at_pgd_online: epochs [2]" in text
 
 
-# A known defect of the engine on main, found when this branch was merged: the smoke preset's
-# 1,000 images leave some DARE grid point an empty mined set, and DARE-sl (tune_full_model)
-# fails on it (softmax over dim 1 of a shapeless empty tensor, then a None where a loss total is
-# added). strict: this starts failing, so the marker goes, once the engine handles an empty
-# mined set.
-@pytest.mark.xfail(strict=True, raises=(IndexError, TypeError),
-                   reason="DARE-sl crashes on an empty mined set (engine defect, see comment)")
 @pytest.mark.slow
 def test_quick_fashion_run_writes_both_tables(tmp_path):
     from worker.engine.data import fashion_dir

@@ -1,7 +1,7 @@
 """Each succeeded job as an MLflow run, where ML teams keep their experiments.
 
-With ``DARE_MLFLOW_TRACKING_URI`` set (and MLflow installed after the service: ``pip install
-'mlflow>=2.14'``, see the README), the worker that finishes a job logs one run: the job's config as
+With ``DARE_MLFLOW_TRACKING_URI`` set (and MLflow installed: the extra ``dare-service[mlflow]``,
+see the README), the worker that finishes a job logs one run: the job's config as
 params (flattened, ``tune.lr``), clean and robust accuracies (per attack: the original's, the
 hardened model's transfer and adaptive) and stage times as metrics, ``report.html``,
 ``report.json`` and ``hardened.onnx`` as artifacts, tagged with the job id and tenant. A job's
@@ -131,7 +131,7 @@ def _client(settings: Settings):  # noqa: ANN202 (mlflow.MlflowClient)
     try:
         from mlflow import MlflowClient
     except ImportError as e:
-        raise MlflowMissing("mlflow is not installed: pip install 'mlflow>=2.14'") from e
+        raise MlflowMissing("mlflow is not installed: pip install 'dare-service[mlflow]'") from e
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
 
 

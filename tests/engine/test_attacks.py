@@ -135,6 +135,43 @@ def test_iterative_attacks_at_least_as_strong_as_fgsm(data: dict, adv: dict) -> 
     assert acc["bim"] <= acc["fgsm"] + 0.01 and acc["pgd"] <= acc["fgsm"] + 0.01, acc
 
 
+def _reference_sign_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor,
+                         eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """The papers' recipe one image at a time: step along the sign of the input gradient of that
+    image's cross-entropy, clip to the eps-ball around the clean image and to [0, 1]."""
+    out = []
+    for xi, yi, si in zip(x, y, start):
+        xa = si[None].clone()
+        for _ in range(steps):
+            xa.requires_grad_(True)
+            g, = torch.autograd.grad(nn.functional.cross_entropy(model(xa), yi[None]), xa)
+            xa = torch.min(torch.max(xa.detach() + alpha * g.sign(), xi - eps), xi + eps).clamp(0, 1)
+        out.append(xa)
+    return torch.cat(out)
+
+
+def test_fgsm_bim_and_pgd_follow_the_recipe_one_image_at_a_time(data: dict) -> None:
+    """FGSM is one step of size eps, BIM ``steps`` steps of ``alpha`` from the clean image, PGD
+    the same from a random start (without one it is BIM); the batched attacks equal the recipe
+    run image by image, whatever their batch size."""
+    m, x, y = data["model"].eval(), data["x"][:24], data["y"][:24]
+    eps, alpha = 0.07, 0.02
+    want = _reference_sign_steps(m, x, y, x, eps, eps, 1)
+    for bs in (1, 7, 250):
+        assert torch.allclose(make_attack("fgsm", m, eps=eps, batch_size=bs)(x, y), want, atol=1e-6)
+    want = _reference_sign_steps(m, x, y, x, eps, alpha, 5)
+    bim = make_attack("bim", m, eps=eps, alpha=alpha, steps=5, batch_size=5)(x, y)
+    assert torch.allclose(bim, want, atol=1e-6)
+    pgd = make_attack("pgd", m, eps=eps, alpha=alpha, steps=5, random_start=False)(x, y)
+    assert torch.allclose(pgd, want, atol=1e-6)
+    # the random start: uniform over the ball (clipped to [0, 1]); a step too small to move
+    # anything shows it
+    start = make_attack("pgd", m, eps=eps, alpha=1e-7, steps=1, seed=3)(x, y)
+    d = (start - x)[(x > eps) & (x < 1 - eps)]
+    assert d.abs().max() <= eps + 1e-6 and d.abs().max() > 0.9 * eps
+    assert abs(float(d.mean())) < 0.01 and float(d.std()) == pytest.approx(eps / math.sqrt(3), rel=0.1)
+
+
 def test_pgd_more_steps_not_weaker(data: dict) -> None:
     m, x, y = data["model"], data["x"], data["y"]
     acc = {s: _acc(m, make_attack("pgd", m, "digits", steps=s)(x, y), y) for s in (5, 40)}

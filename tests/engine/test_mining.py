@@ -71,6 +71,35 @@ def test_nothing_to_mine_gives_empty_tensors(subject):
     assert mined.candidates == 4
     for t in (mined.x, mined.y, mined.target, mined.tutor_logits, mined.tutor):
         assert t.shape[0] == 0
+    # the same trailing shapes as a non-empty mine, so that code taking a softmax over the
+    # classes or stacking targets works on it unchanged
+    assert mined.tutor_logits.shape == (0, 10)
+    full = mine_oracles(final, cut, info.output_node, [_ck("a", _fixed(gm, {0: 0.5}))],
+                        data.x_val[:2], torch.tensor([0, 1]))
+    assert mined.target.shape[1:] == full.target.shape[1:] and full.target.shape[0] == 1
+
+
+def test_every_tuning_on_an_empty_mined_set_leaves_the_model_unchanged(subject):
+    """DARE, DARE-sl and the plain fine-tune all take the mined set; none fails on an empty one
+    (a subject whose history never beats the final model), and none changes a weight."""
+    from worker.engine.baselines import finetune_mined
+    from worker.engine.config import TuneConfig
+    from worker.engine.profiling import profile
+    from worker.engine.slicing import slice_model
+    from worker.engine.tuning import tune_dare, tune_full_model
+
+    gm, _, data, info, cut = subject
+    final = _fixed(gm, {0: 0.40, 1: 0.45})
+    mined = mine_oracles(final, cut, info.output_node, [_ck("same", copy.deepcopy(final))],
+                         data.x_val[:4], torch.tensor([0, 1, 0, 1]))
+    cfg = TuneConfig(epochs=2)
+    before = {k: v.clone() for k, v in final.state_dict().items()}
+    fi = analyze(final)
+    sliced = slice_model(fi, profile(fi, data.x_train[:40], data.y_train[:40], 10), 0.95, 1)
+    for tuned, _ in (tune_dare(final, sliced, mined, cfg), tune_full_model(final, mined, cfg),
+                     finetune_mined(final, mined.x, mined.y, cfg)):
+        after = tuned.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_the_window_is_the_latest_fraction_and_at_least_the_final_checkpoint(subject):

@@ -55,7 +55,7 @@ def test_report_keys_match_schema_1_exactly():
                           "ci95"}
         assert set(a["ci95"]) == {"original_accuracy", "transfer_er", "adaptive_accuracy"}
     assert all(set(c) == {"name", "passed", "detail"} for c in rep["sanity_checks"])
-    assert set(rep["versions"]) >= {"torch", "python", "onnx", "onnxruntime", "torchattacks", "platform", "cuda"}
+    assert set(rep["versions"]) >= {"torch", "python", "onnx", "onnxruntime", "pyautoattack", "platform", "cuda"}
     assert rep["comparison"] is None
     ca = rep["clean_accuracy"]
     assert ca["drop"] == pytest.approx(0.05) and ca["within_budget"] is True and ca["budget"] == 0.10
@@ -153,7 +153,7 @@ def test_html_escapes_untrusted_text():
 def test_versions_are_strings_or_none():
     v = R.versions()
     assert all(x is None or isinstance(x, str) for x in v.values())
-    assert v["torch"] and v["python"].startswith("3.") and v["torchattacks"]
+    assert v["torch"] and v["python"].startswith("3.") and v["onnx"]
 
 
 def test_report_from_a_real_evaluation(tmp_path):
@@ -201,7 +201,7 @@ def test_a_package_that_is_not_installed_has_no_version(monkeypatch):
 
     monkeypatch.setattr(metadata, "version", version)
     v = R.versions()
-    assert v["pyautoattack"] is None and v["torchattacks"] == real("torchattacks")
+    assert v["pyautoattack"] is None and v["onnxruntime"] == real("onnxruntime")
 
 
 def test_paths_become_strings_and_the_directories_are_made(tmp_path):

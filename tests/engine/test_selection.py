@@ -259,7 +259,7 @@ def test_the_time_budget_skips_the_expensive_method_and_lists_it(subject, tmp_pa
     cfg = {**TINY, "dataset": "digits", "budget_minutes": 1.0, "baselines": {"max_train": 600},
            "selection": {**TINY["selection"], "methods": ["dare", "at_fgsm", "at_pgd_online",
                                                           "weight_noise", "awp"],
-                         "overrides": {"at_pgd_online": {"epochs": [100]}}}}
+                         "overrides": {"at_pgd_online": {"epochs": [1000]}}}}
     _run(wd, cfg)
     rep = _report(wd)
     sel, skipped = rep["comparison"]["selection"], rep["comparison"]["skipped"]

@@ -24,7 +24,7 @@ from service.store.models import JobEvent
 from . import fake_engine
 from .conftest import free_port
 
-mlflow = pytest.importorskip("mlflow")  # `make install` installs it (a second pip step, Makefile)
+import mlflow  # noqa: E402  (the dev extra includes dare-service[mlflow]; a missing one fails here)
 
 
 @pytest.fixture(scope="module")

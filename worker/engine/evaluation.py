@@ -44,7 +44,7 @@ Progress = Callable[[float], None]
 
 
 def _attacks_api():
-    # Imported lazily: the attack package is heavy (torchattacks) and this keeps ``accuracy`` and
+    # Imported lazily: the attack package is heavy (AutoAttack, JSMA) and this keeps ``accuracy`` and
     # ``predict`` usable on their own.
     from . import attacks
 

@@ -50,6 +50,17 @@ def _predict(gm: fx.GraphModule, x: torch.Tensor, batch_size: int, device: str) 
                       for i in range(0, len(x), batch_size)])
 
 
+def _empty_like_outputs(gm: fx.GraphModule, x: torch.Tensor, cut_node: str, output_node: str,
+                        device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-row targets and logits with the shapes a non-empty mine would have, (0, *cut) and
+    (0, K), so that a set with no tutor still flows through tuning (which then has nothing to
+    do) instead of failing on a shapeless tensor."""
+    if not len(x):
+        return torch.empty(0), torch.empty(0)
+    vals = run_recording(gm, x[:1].to(device), {cut_node, output_node})
+    return vals[cut_node][:0].cpu(), vals[output_node][:0].cpu()
+
+
 @torch.no_grad()
 def mine_oracles(gm: fx.GraphModule, cut_node: str, output_node: str, history: Sequence,
                  x: torch.Tensor, y: torch.Tensor, *, fraction: float = 0.5, mode: str = "best",
@@ -99,9 +110,10 @@ def mine_oracles(gm: fx.GraphModule, cut_node: str, output_node: str, history: S
             targets[j], logits[j] = tt, ll
         progress(0.5 + 0.5 * len(targets) / max(len(idx), 1))
     order = idx.tolist()
-    empty = torch.empty(0)
+    if order:
+        target, tutor_logits = (torch.stack([d[j] for j in order]) for d in (targets, logits))
+    else:
+        target, tutor_logits = _empty_like_outputs(gm, x, cut_node, output_node, device)
     return MinedSet(
-        x=x[idx].clone(), y=y[idx].clone(),
-        target=torch.stack([targets[j] for j in order]) if order else empty,
-        tutor_logits=torch.stack([logits[j] for j in order]) if order else empty,
+        x=x[idx].clone(), y=y[idx].clone(), target=target, tutor_logits=tutor_logits,
         tutor=tutor[idx].clone(), candidates=len(x), window=[ck.name for ck in window])

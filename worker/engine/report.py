@@ -215,7 +215,7 @@ def versions() -> dict:
 
     cuda = torch.cuda.is_available()
     return {"torch": torch.__version__, "python": platform.python_version(), "onnx": v("onnx"),
-            "onnxruntime": v("onnxruntime"), "torchattacks": v("torchattacks"),
+            "onnxruntime": v("onnxruntime"),
             "pyautoattack": v("pyautoattack"),
             "platform": platform.platform(), "cuda": torch.version.cuda if cuda else None,
             "gpu": torch.cuda.get_device_name(0) if cuda else None}

@@ -102,8 +102,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed the global RNG of ``device`` (and the CPU's) for the block, then restore both.
 
-    torchattacks draws from the global generators, so this is how PGD's random start becomes
-    reproducible without disturbing the caller's random stream.
+    PGD's random start draws from the global generators, so this is how it becomes reproducible
+    without disturbing the caller's random stream.
     """
     if seed is None:
         yield
@@ -124,26 +124,6 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 250) -> Tensor:
         return torch.empty(0, dtype=torch.long, device=x.device)
     with eval_mode(model):
         return torch.cat([model(x[s:s + batch_size]).argmax(1) for s in range(0, x.shape[0], batch_size)])
-
-
-class _ModeLocked(nn.Module):
-    """Hands a model to torchattacks with ``train()``/``eval()`` made no-ops.
-
-    torchattacks calls ``model.eval()`` before and ``model.train()`` after each attack; the first
-    raises on exported GraphModules and the second would overwrite per-submodule flags. The base
-    class already owns the mode (see ``eval_mode``), so the wrapper keeps torchattacks away from it.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def train(self, mode: bool = True) -> _ModeLocked:
-        self.training = mode  # deliberately not recursive
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
 
 
 # ---------------------------------------------------------------- the base class
@@ -211,4 +191,4 @@ class Attack:
         if p is not None and p.device != x.device:
             raise ValueError(f"x is on {x.device} but the model is on {p.device}; move one of them")
         # detach + clone: an inference-mode or grad-carrying input must not leak into the attack graph
-        return x.detach().clone(), y.detach().to(device=x.device, dtype=torch.long)
+        return x.detach().clone(), y.detach().to(device=x.device, dtype=torch.long).clone()

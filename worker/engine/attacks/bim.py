@@ -3,14 +3,14 @@ Examples in the Physical World", ICLR workshop 2017, arXiv:1607.02533). ``steps`
 size ``alpha`` from the clean image, each projected onto the L-inf ball of radius ``eps`` and [0, 1].
 No random start (that is what distinguishes PGD).
 
-torchattacks' BIM implements this with ``torch.autograd.grad``; it is used as is.
+The steps are ``sign_steps.iterate`` from the clean image.
 """
 from __future__ import annotations
 
-import torchattacks
 from torch import Tensor, nn
 
-from .base import Attack, _ModeLocked, check_float, check_int
+from .base import Attack, check_float, check_int
+from .sign_steps import iterate
 
 
 class BIM(Attack):
@@ -30,6 +30,4 @@ class BIM(Attack):
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps}
 
     def _run(self, x: Tensor, y: Tensor) -> Tensor:
-        atk = torchattacks.BIM(_ModeLocked(self.model), eps=self.eps, alpha=self.alpha, steps=self.steps)
-        atk.set_device(x.device)
-        return atk(x, y)
+        return iterate(self.model, x, y, x, eps=self.eps, alpha=self.alpha, steps=self.steps)

@@ -2,15 +2,15 @@
 Adversarial Examples", ICLR 2015, arXiv:1412.6572). One L-inf step of size ``eps`` along the sign
 of the cross-entropy gradient: ``x_adv = clip(x + eps * sign(grad_x CE(f(x), y)), 0, 1)``.
 
-torchattacks' FGSM does exactly this with ``torch.autograd.grad``; it is used as is, behind the
-base class that owns the model's mode, device and batching.
+The step is ``sign_steps.input_grad_sign``; the base class owns the model's mode, device and
+batching.
 """
 from __future__ import annotations
 
-import torchattacks
 from torch import Tensor, nn
 
-from .base import Attack, _ModeLocked, check_float
+from .base import Attack, check_float
+from .sign_steps import input_grad_sign, project
 
 
 class FGSM(Attack):
@@ -27,6 +27,4 @@ class FGSM(Attack):
         return {"eps": self.eps}
 
     def _run(self, x: Tensor, y: Tensor) -> Tensor:
-        atk = torchattacks.FGSM(_ModeLocked(self.model), eps=self.eps)
-        atk.set_device(x.device)
-        return atk(x, y)
+        return project(x + self.eps * input_grad_sign(self.model, x, y), x, self.eps)

@@ -2,17 +2,18 @@
 uniformly random start inside the ball (Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep
 Learning Models Resistant to Adversarial Attacks", ICLR 2018, arXiv:1706.06083).
 
-torchattacks' PGD implements this with ``torch.autograd.grad``; it is used as is. Its random
-start draws from the global generator of ``x``'s device; the base class seeds that generator with
-``seed`` for the call and restores it afterwards, so results are reproducible and the caller's
-random stream is untouched.
+The steps are ``sign_steps.iterate``. The random start, uniform in the ball then clipped to
+[0, 1], draws from the global generator of ``x``'s device; the base class seeds that generator
+with ``seed`` for the call and restores it afterwards, so results are reproducible and the
+caller's random stream is untouched.
 """
 from __future__ import annotations
 
-import torchattacks
+import torch
 from torch import Tensor, nn
 
-from .base import Attack, _ModeLocked, check_bool, check_float, check_int
+from .base import Attack, check_bool, check_float, check_int
+from .sign_steps import iterate
 
 
 class PGD(Attack):
@@ -37,7 +38,7 @@ class PGD(Attack):
                 "random_start": self.random_start, "seed": self.seed}
 
     def _run(self, x: Tensor, y: Tensor) -> Tensor:
-        atk = torchattacks.PGD(_ModeLocked(self.model), eps=self.eps, alpha=self.alpha, steps=self.steps,
-                               random_start=self.random_start)
-        atk.set_device(x.device)
-        return atk(x, y)
+        start = x
+        if self.random_start:
+            start = (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0.0, 1.0)
+        return iterate(self.model, x, y, start, eps=self.eps, alpha=self.alpha, steps=self.steps)
