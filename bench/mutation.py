@@ -57,6 +57,7 @@ MODULES: dict[str, list[str]] = {
     "worker/engine/attacks/fgsm.py": _ATTACKS,
     "worker/engine/attacks/bim.py": _ATTACKS,
     "worker/engine/attacks/pgd.py": _ATTACKS,
+    "worker/engine/attacks/sign_steps.py": _ATTACKS,
     "worker/engine/attacks/cw.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/jsma.py": ["tests/engine/test_attacks.py"],
     "worker/engine/attacks/minimal.py": ["tests/engine/test_attacks.py"],
@@ -390,11 +391,38 @@ def _recorded_seconds(scratch: Path, add: float) -> float:
     return before
 
 
-def table(rows: list[Row]) -> str:
+def earlier_rows(text: str) -> dict[str, tuple[str, list[str]]]:
+    """From a report this script wrote before: module -> (its table line, its survivor lines),
+    so that a module whose session is not on this machine keeps what its last run found rather
+    than showing as never run. A row of a module that has since moved (service/quotas.py ->
+    service/api/quotas.py) is found by the file's name."""
+    rows: dict[str, tuple[str, list[str]]] = {}
+    text = text.partition(KEEP)[0]  # the hand-written part has tables of its own
+    survivors = [ln for ln in text.splitlines() if re.match(r"- \S+\.py:\d+ ", ln)]
+    first_table = text.partition("\n| module |")[2].partition("\n\n")[0]
+    for ln in first_table.splitlines():
+        cells = ln.split("|")
+        if len(cells) < 4 or not cells[1].strip().endswith((".py", "run)")) or cells[2].strip() == "-":
+            continue
+        old = cells[1].strip().split(" ")[0]
+        for module in MODULES:
+            if module == old or (Path(module).name == Path(old).name
+                                 and module.split("/")[0] == old.split("/")[0]):
+                mine = [x for x in survivors if x[2:].startswith(old + ":")]
+                rows[module] = (ln, mine)
+    return rows
+
+
+def table(rows: list[Row], earlier: dict[str, tuple[str, list[str]]] | None = None) -> str:
     out = ["| module | mutants | killed | survived | timed out | incompetent | equivalent "
            "| not run | killed % | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         score = f"{100 * r.score:.0f}" if r.score is not None else "-"
+        if r.note == "not run yet" and earlier and r.module in earlier:
+            line = earlier[r.module][0]
+            out.append(line if "run)" in line.split("|")[1] else
+                       line.replace(" |", " (earlier run) |", 1))
+            continue
         if r.note == "not run yet" or r.note.startswith("baseline"):
             out.append(f"| {r.module} | - | - | - | - | - | - | all | - | - |")
             continue
@@ -404,12 +432,18 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def report(rows: list[Row]) -> str:
-    """The markdown for bench/results/mutation.md: table, survivors, equivalents, notes."""
+def report(rows: list[Row], earlier: dict[str, tuple[str, list[str]]] | None = None) -> str:
+    """The markdown for bench/results/mutation.md: table, survivors, equivalents, notes.
+    ``earlier``: rows of modules not run here, from the report before (``earlier_rows``)."""
+    earlier = earlier or {}
     lines = ["# Mutation testing (cosmic-ray, `make mutation`)", "",
              "Killed % = (killed + timed out) / (killed + timed out + survived); equivalent "
-             "mutants are left out. Produced by `python -m bench.mutation`.", "", table(rows), ""]
+             "mutants are left out. Produced by `python -m bench.mutation`; a row marked as an "
+             "earlier run is what that run found (its session is not on the machine that wrote "
+             "this file).", "", table(rows, earlier), ""]
     survivors = [(r.module, s) for r in rows for s in r.survivors]
+    survivors += [(r.module, s[2:]) for r in rows if r.note == "not run yet"
+                  for s in earlier.get(r.module, ("", []))[1]]
     if survivors:
         lines += ["## Survivors", ""] + [f"- {s}" for _, s in survivors] + [""]
     lines += ["## Equivalent mutants (left out of the score)", ""]
@@ -437,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"not in MODULES: {', '.join(unknown)}")
     chosen = [] if args.report_only else (args.modules or list(MODULES))
+    earlier = earlier_rows(args.out.read_text()) if args.out and args.out.exists() else {}
     rows = []
     for module in MODULES:  # modules not chosen: what an earlier run of their session found
         if module in chosen:
@@ -445,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                                execute=module in chosen, retest_survivors=args.retest_survivors))
         if module in chosen:
             print(table(rows[-1:]), flush=True)
-    text = report(rows)
+    text = report(rows, earlier)
     print(text)
     if args.out:
         # a hand-written part below KEEP (e.g. mutants applied by hand) survives a re-run
