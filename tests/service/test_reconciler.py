@@ -367,3 +367,92 @@ def test_dare_reconcile_once_prints_what_it_did(settings, tmp_path, empty_broker
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {}
+
+
+# --- edges the tests above leave open (each found by a surviving mutant, bench/mutation.py) ---
+
+def test_a_dead_first_claim_is_resent_like_any_other(ctx, submit, pipeline, dispatcher, empty_broker):
+    """The job's only stage run so far (validate) was claimed and its worker died: one run, no
+    earlier stage to date the wait from, still an expired lease to re-send."""
+    jid = submit()
+    pipeline._claim(uuid.UUID(jid), "validate", "dead")  # claimed; the worker never comes back
+    dispatcher.sent.clear()
+    _age(ctx, jid, 21)
+    assert _reconcile(ctx, dispatcher) == {"lease_expired": 1}
+    assert dispatcher.sent == [(jid, "validate")]
+
+
+def test_the_requeue_wait_ends_exactly_at_its_length(ctx, submit, dispatcher, empty_broker,
+                                                     monkeypatch):
+    """requeue_after_s after the last re-send the stage goes out again; a moment before, not."""
+    from service.jobs import reconciler
+
+    jid = submit()
+    _age(ctx, jid, 31)
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+    [ev] = _events(ctx, jid, "requeued")
+    wait = timedelta(seconds=ctx.settings.requeue_after_s)
+    monkeypatch.setattr(reconciler, "utcnow", lambda: ev.at + wait - timedelta(microseconds=1))
+    assert _reconcile(ctx, dispatcher) == {"throttled": 1}
+    monkeypatch.setattr(reconciler, "utcnow", lambda: ev.at + wait)
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+
+
+class _FlakyDispatcher(RecordingDispatcher):
+    """The broker refuses the first send and takes the rest."""
+
+    def enqueue(self, job_id: str, stage: str) -> None:
+        if not self.fail:
+            self.fail = True
+            raise ConnectionError("broker down (test)")
+        self.sent.append((job_id, stage))
+
+
+def test_a_failed_resend_is_counted_and_the_other_jobs_still_go_out(ctx, submit, empty_broker):
+    a, b = submit(), submit()
+    _age(ctx, a, 31)
+    _age(ctx, b, 31)
+    flaky = _FlakyDispatcher()
+    assert _reconcile(ctx, flaky) == {"not_picked_up": 2, "send_errors": 1}
+    assert len(flaky.sent) == 1 and flaky.sent[0][1] == "validate"
+    assert len(_events(ctx, a, "requeued")) == len(_events(ctx, b, "requeued")) == 1
+
+
+def test_the_reconciler_works_through_the_store_it_is_given(ctx, submit, dispatcher,
+                                                            monkeypatch, empty_broker):
+    """Given a store, it never builds one of its own from the settings (which may name another
+    bucket or none)."""
+    from service.jobs import reconciler
+
+    def other_store(settings):
+        raise AssertionError("the reconciler built a store of its own")
+
+    monkeypatch.setattr(reconciler, "store_from_settings", other_store)
+    jid = submit()
+    _age(ctx, jid, 31)
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+
+
+@pytest.mark.parametrize("level", [3, 6, 9])
+def test_a_message_at_any_priority_level_counts_as_waiting(ctx, submit, empty_broker, level):
+    """kombu keeps a message of priority > 0 in a list of its own beside the queue (the queue's
+    name, a separator, the level); one waiting there is not lost either."""
+    import redis
+
+    jid = submit()
+    ctx.settings.broker_url = REDIS_URL
+    CeleryDispatcher(ctx.settings).enqueue(jid, "validate")
+    r = redis.Redis.from_url(REDIS_URL)
+    queue = ctx.settings.queue
+    raw = r.lpop(queue)
+    r.lpush(f"{queue}\x06\x16{level}", raw)
+    assert queued_messages(ctx.settings) == {(jid, "validate")}
+
+
+def test_a_waiting_method_message_is_told_apart_from_its_stage(ctx, submit, empty_broker):
+    """A fanned-out method's message (compare:<method>) waits as that method, not as compare."""
+    jid = submit()
+    ctx.settings.broker_url = REDIS_URL
+    CeleryDispatcher(ctx.settings).enqueue(jid, "compare:trades")
+    CeleryDispatcher(ctx.settings).enqueue(jid, "validate")
+    assert queued_messages(ctx.settings) == {(jid, "compare:trades"), (jid, "validate")}
