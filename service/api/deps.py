@@ -30,6 +30,7 @@ from service.api.auth import (
     open_principal,
 )
 from service.api.errors import ProblemError
+from service.jobs import pg_json
 from service.jobs.dispatch import Dispatcher
 from service.jobs.records import JobNotFound, get_job
 from service.settings import Settings
@@ -48,6 +49,8 @@ class AppContext:
     principals: PrincipalCache = field(default_factory=PrincipalCache)
     read_engine: Engine = field(init=False)
     reads: AsyncPool | None = field(init=False, default=None)  # opened and closed by the lifespan
+    # the bodies of polled reads this process sent, reused while their rows are unchanged
+    read_cache: pg_json.ReadCache = field(default_factory=pg_json.ReadCache)
 
     def __post_init__(self) -> None:
         # PostgreSQL: async autocommit connections for reads that are one statement (a

@@ -76,7 +76,8 @@ class PolledReads:
         except ValueError:
             return None  # the route's 404
         async with self.ctx.reads.connection() as conn:
-            return await pg_json.job_body(conn, job_uuid, principal.tenant_id)
+            return await pg_json.job_body(conn, job_uuid, principal.tenant_id,
+                                         self.ctx.read_cache)
 
     async def _page(self, scope: dict, principal: Principal) -> bytes | None:
         limit, cursor, statuses = 20, None, []
@@ -96,6 +97,7 @@ class PolledReads:
         try:
             async with self.ctx.reads.connection() as conn:
                 return await pg_json.page_body(conn, principal.tenant_id, statuses=statuses,
-                                               limit=limit, cursor=cursor)
+                                               limit=limit, cursor=cursor,
+                                               cache=self.ctx.read_cache)
         except InvalidCursor:
             return None  # the route's 422

@@ -15,12 +15,22 @@ the shortest repr with ``.0`` when whole and pydantic's notation below 1e-4 (see
 :data:`_UNIT`); UTC times as ``...THH:MM:SS[.ffffff]Z``; strings escaped as JSON (to_json
 escapes what serde does); ``stage`` showing the first stage of a queued job; ``urls`` with the
 report links once succeeded. Another tenant's job is not found, exactly like a missing one.
+
+What a poll sends back mostly did not change since the last poll, so each process keeps the
+bodies it sent (:class:`ReadCache`, bounded by bytes), keyed by the rows' ``xmin``: PostgreSQL
+gives every new version of a row a new one (any UPDATE, by any code path), so an unchanged
+``xmin`` is an unchanged row. A job read asks only for the ``xmin`` when it holds a body for
+it (the JSON is built only for a row that changed); a page read first asks for the ids and
+``xmin``s of the page's rows as one short string and sends the page it built for that
+string, if any. The inputs belong to the job's JSON too: they are written with the job and
+only ever removed by retention, which updates the job's row in the same transaction.
 """
 from __future__ import annotations
 
 import base64
 import functools
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,8 +103,11 @@ _TAIL = """',"inputs":[' || coalesce((
    FROM job_inputs i WHERE i.job_id = j.id), '') || ']}'"""
 _PIECES = f"{_HEAD},\n j.result::text,\n {_MIDDLE},\n j.config::text,\n {_TAIL}"
 
-JOB_SQL = (f"SELECT {_PIECES}\nFROM jobs j "
+# The row's version and, unless the caller holds the body of that version already, its JSON.
+JOB_SQL = (f"SELECT j.xmin::text, p.* FROM jobs j LEFT JOIN LATERAL (SELECT {_PIECES}\n"
+           "WHERE j.xmin::text IS DISTINCT FROM %(known)s) p ON true "
            "WHERE j.id = %(job_id)s AND j.tenant_id = %(tenant_id)s")
+_VERSION = "j.id::text || '.' || j.xmin::text"
 
 
 @functools.cache
@@ -108,8 +121,47 @@ def page_sql(by_status: bool, after_cursor: bool) -> str:
         where.append("(j.created_at < %(after_t)s "
                      "OR (j.created_at = %(after_t)s AND j.id < %(after_id)s))")
     cursor = f"""'{{"t":"' || {_time("j.created_at", "+00:00")} || '","i":"' || j.id || '"}}'"""
-    return (f"SELECT {_PIECES},\n {cursor}\nFROM jobs j WHERE {' AND '.join(where)}\n"
+    return (f"SELECT {_PIECES},\n {cursor}, {_VERSION}\nFROM jobs j WHERE {' AND '.join(where)}\n"
             "ORDER BY j.created_at DESC, j.id DESC LIMIT %(limit)s")
+
+
+@functools.cache
+def page_version_sql(by_status: bool, after_cursor: bool) -> str:
+    """The ids and versions of the rows ``page_sql`` would return, in its order, as one string
+    (the same text ``page_body`` joins from that query's last column)."""
+    full = page_sql(by_status, after_cursor)
+    where = full[full.index("\nFROM jobs j"):full.index("\nORDER BY")]
+    return (f"SELECT coalesce(string_agg(v, ',' ORDER BY t DESC, i DESC), '') FROM ("
+            f"SELECT {_VERSION} AS v, j.created_at AS t, j.id AS i{where}\n"
+            "ORDER BY j.created_at DESC, j.id DESC LIMIT %(limit)s) p")
+
+
+class ReadCache:
+    """Bodies this process sent, by key, with the version they were built from; the least
+    recently used go first once ``budget`` bytes are held."""
+
+    def __init__(self, budget: int = 16 << 20) -> None:
+        self.budget = budget
+        self.held = 0
+        self._items: OrderedDict[Any, tuple[str, bytes]] = OrderedDict()
+
+    def get(self, key: Any) -> tuple[str, bytes] | None:  # noqa: ANN401
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: Any, version: str, body: bytes) -> None:  # noqa: ANN401
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.held -= len(old[1])
+        if len(body) > self.budget:
+            return
+        self._items[key] = (version, body)
+        self.held += len(body)
+        while self.held > self.budget:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.held -= len(dropped)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -125,23 +177,42 @@ def _job(row: Sequence[Any]) -> str:
                     _compact(config), tail))
 
 
-async def job_body(conn: Any, job_id: uuid.UUID, tenant_id: uuid.UUID) -> bytes | None:  # noqa: ANN401
+async def job_body(conn: Any, job_id: uuid.UUID, tenant_id: uuid.UUID,  # noqa: ANN401
+                   cache: ReadCache | None = None) -> bytes | None:
     """The job's JSON (JobRead), or None when the tenant has no such job. ``conn``: a psycopg
-    AsyncConnection."""
-    cur = await conn.execute(JOB_SQL, {"job_id": job_id, "tenant_id": tenant_id})
+    AsyncConnection; ``cache``: bodies sent before (the key holds the tenant as well, though
+    the statement alone already finds nothing for another tenant)."""
+    key = ("job", tenant_id, job_id)
+    held = cache.get(key) if cache is not None else None
+    cur = await conn.execute(JOB_SQL, {"job_id": job_id, "tenant_id": tenant_id,
+                                       "known": held[0] if held else None})
     row = await cur.fetchone()
-    return None if row is None else _job(row).encode()
+    if row is None:
+        return None
+    if held is not None and row[1] is None:  # the row is the version the body was built from
+        return held[1]
+    body = _job(row[1:]).encode()
+    if cache is not None:
+        cache.put(key, row[0], body)
+    return body
 
 
 async def page_body(conn: Any, tenant_id: uuid.UUID, *,  # noqa: ANN401
                     statuses: Sequence[JobStatus] = (), limit: int = 20,
-                    cursor: str | None = None) -> bytes:
+                    cursor: str | None = None, cache: ReadCache | None = None) -> bytes:
     """A page of the tenant's jobs, newest first (JobList); raises records.InvalidCursor."""
     params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit + 1}
     if statuses:
         params["statuses"] = [JobStatus(s).value for s in statuses]
     if cursor:
         params["after_t"], params["after_id"] = decode_cursor(cursor)
+    key = ("page", tenant_id, tuple(params.get("statuses", ())), limit, cursor)
+    held = cache.get(key) if cache is not None else None
+    if held is not None:
+        cur = await conn.execute(page_version_sql(bool(statuses), bool(cursor)), params)
+        version = (await cur.fetchone())[0]
+        if version == held[0]:
+            return held[1]
     cur = await conn.execute(page_sql(bool(statuses), bool(cursor)), params)
     rows = await cur.fetchall()
     page = rows[:limit]
@@ -149,5 +220,8 @@ async def page_body(conn: Any, tenant_id: uuid.UUID, *,  # noqa: ANN401
     if len(rows) > limit and page:
         nxt = '"' + base64.urlsafe_b64encode(page[-1][5].encode()).decode().rstrip("=") + '"'
     items = ",".join(_job(r) for r in page)
-    return f'{{"items":[{items}],"next_cursor":{nxt}}}'.encode()
+    body = f'{{"items":[{items}],"next_cursor":{nxt}}}'.encode()
+    if cache is not None:
+        cache.put(key, ",".join(r[6] for r in rows), body)
+    return body
 

@@ -71,6 +71,9 @@ def _expire_job(factory: sessionmaker[Session], job_id: uuid.UUID,
         artifacts = list(s.scalars(select(Artifact.uri).where(Artifact.job_id == job_id)))
         s.execute(delete(JobInput).where(JobInput.job_id == job_id))
         s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+        # the job's JSON lists its inputs: a new version of its row tells the polled reads'
+        # cache (service.jobs.pg_json) that the body it holds is stale
+        job.updated_at = utcnow()
         jobs.add_event(s, job_id, EXPIRED_EVENT, None,
                        {"retention_days": settings.retention_days,
                         "inputs_removed": len(inputs), "artifacts_removed": len(artifacts)})

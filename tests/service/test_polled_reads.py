@@ -159,6 +159,86 @@ def test_an_unknown_job_and_another_tenants_job_are_the_same_404(client, client_
         b.json()["detail"].replace(str(missing), "X")
 
 
+# --- the bodies kept between polls (pg_json.ReadCache) -----------------------------------------
+
+def _bodies(client, job_id: str) -> tuple[bytes, bytes]:  # noqa: ANN001
+    return client.get(f"/v1/jobs/{job_id}").content, client.get("/v1/jobs?limit=5").content
+
+
+def _fresh(ctx, tenant: uuid.UUID, job_id: str) -> tuple[bytes, bytes]:  # noqa: ANN001
+    """What the ORM and pydantic say now (no cache involved)."""
+    with ctx.factory() as s:
+        one = JobRead.__pydantic_serializer__.to_json(jobs.job_read(jobs.get_job(s, uuid.UUID(job_id))))
+        return one, jobs.page_json(*jobs.list_jobs(s, tenant_id=tenant, limit=5))
+
+
+def test_a_kept_body_is_sent_only_while_its_rows_are_unchanged(client, monkeypatch):
+    """Every way a job's JSON can change shows in the very next read: an UPDATE by any code
+    path (here raw SQL that leaves updated_at alone), retention removing its inputs, the job
+    row deleted; and while nothing changed, nothing is rebuilt."""
+    from service.jobs import pg_json
+    from service.jobs.retention import _expire_job
+
+    ctx = client.app.state.ctx
+    tenant = tenant_id(ctx.factory, "t1")
+    ids = _seed_odd_jobs(ctx.factory, tenant)
+    job_id = ids[-2]  # succeeded, with a result and inputs
+    assert _bodies(client, job_id) == _fresh(ctx, tenant, job_id)
+
+    def no_rebuild(row):  # noqa: ANN001
+        raise AssertionError("an unchanged job's JSON was built again")
+
+    with monkeypatch.context() as m:
+        m.setattr(pg_json, "_job", no_rebuild)
+        assert _bodies(client, job_id) == _fresh(ctx, tenant, job_id)
+
+    with ctx.engine.begin() as c:
+        c.execute(text("UPDATE jobs SET progress = 0.5, error_code = 'x' WHERE id = :j"),
+                  {"j": uuid.UUID(job_id)})
+    one, page = _bodies(client, job_id)
+    assert (one, page) == _fresh(ctx, tenant, job_id) and b'"progress":0.5' in one
+
+    ctx.settings.retention_days = 1
+    assert _expire_job(ctx.factory, uuid.UUID(job_id), ctx.settings) is not None
+    one, page = _bodies(client, job_id)
+    assert (one, page) == _fresh(ctx, tenant, job_id) and b'"inputs":[]' in one
+
+    with ctx.engine.begin() as c:
+        c.execute(text("DELETE FROM jobs WHERE id = :j"), {"j": uuid.UUID(job_id)})
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+    page = client.get("/v1/jobs?limit=5").content
+    assert job_id.encode() not in page
+    with ctx.factory() as s:
+        assert page == jobs.page_json(*jobs.list_jobs(s, tenant_id=tenant, limit=5))
+
+
+def test_a_body_kept_for_one_tenant_is_never_sent_to_another(client, client_t2, subject_bytes):
+    from .conftest import submit_files
+
+    files, data = submit_files(subject_bytes)
+    job = client.post("/v1/jobs", files=files, data=data).json()
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 200  # kept now
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 200
+    client_t2.get("/v1/jobs")  # t2's key cached: the fast path answers t2 too
+    assert client_t2.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert job["id"] not in client_t2.get("/v1/jobs").text
+
+
+def test_the_cache_holds_at_most_its_budget_and_drops_the_least_recently_used():
+    from service.jobs.pg_json import ReadCache
+
+    c = ReadCache(budget=10)
+    c.put("a", "1", b"aaaa")
+    c.put("b", "1", b"bbbb")
+    assert c.get("a") == ("1", b"aaaa")  # a is now the most recently used
+    c.put("c", "1", b"cccc")
+    assert c.get("b") is None and c.get("a") is not None and c.held == 8
+    c.put("a", "2", b"A")  # a new version replaces the old one and its bytes
+    assert c.get("a") == ("2", b"A") and c.held == 5
+    c.put("big", "1", b"x" * 11)  # larger than the whole budget: not kept
+    assert c.get("big") is None and c.held == 5
+
+
 # --- the pool ---------------------------------------------------------------------------------
 
 def _backend_pid(conn: psycopg.AsyncConnection):  # noqa: ANN202

@@ -140,7 +140,7 @@ async def list_jobs(
     if ctx.reads is not None:
         async with ctx.reads.connection() as conn:
             body = await pg_json.page_body(conn, principal.tenant_id, statuses=status,
-                                           limit=limit, cursor=cursor)
+                                           limit=limit, cursor=cursor, cache=ctx.read_cache)
         return Response(body, media_type="application/json")
 
     def read() -> bytes:
@@ -159,7 +159,7 @@ async def get_job(job_id: JobIdPath, request: Request, principal: PrincipalDep) 
     ctx: AppContext = request.app.state.ctx
     if ctx.reads is not None:
         async with ctx.reads.connection() as conn:
-            body = await pg_json.job_body(conn, job_uuid, principal.tenant_id)
+            body = await pg_json.job_body(conn, job_uuid, principal.tenant_id, ctx.read_cache)
         if body is None:
             raise jobs.JobNotFound(job_uuid)
         return Response(body, media_type="application/json")
