@@ -20,7 +20,7 @@ What a poll sends back mostly did not change since the last poll, so each proces
 bodies it sent (:class:`ReadCache`, bounded by bytes), keyed by the rows' ``xmin``: PostgreSQL
 gives every new version of a row a new one (any UPDATE, by any code path), so an unchanged
 ``xmin`` is an unchanged row. A job read asks only for the ``xmin`` when it holds a body for
-it (the JSON is built only for a row that changed); a page read first asks for the ids and
+it (and builds the JSON again only for a row that changed); a page read first asks for the ids and
 ``xmin``s of the page's rows as one short string and sends the page it built for that
 string, if any. The inputs belong to the job's JSON too: they are written with the job and
 only ever removed by retention, which updates the job's row in the same transaction.
@@ -103,10 +103,10 @@ _TAIL = """',"inputs":[' || coalesce((
    FROM job_inputs i WHERE i.job_id = j.id), '') || ']}'"""
 _PIECES = f"{_HEAD},\n j.result::text,\n {_MIDDLE},\n j.config::text,\n {_TAIL}"
 
-# The row's version and, unless the caller holds the body of that version already, its JSON.
-JOB_SQL = (f"SELECT j.xmin::text, p.* FROM jobs j LEFT JOIN LATERAL (SELECT {_PIECES}\n"
-           "WHERE j.xmin::text IS DISTINCT FROM %(known)s) p ON true "
-           "WHERE j.id = %(job_id)s AND j.tenant_id = %(tenant_id)s")
+_WHERE_JOB = "WHERE j.id = %(job_id)s AND j.tenant_id = %(tenant_id)s"
+JOB_SQL = f"SELECT {_PIECES},\n j.xmin::text\nFROM jobs j {_WHERE_JOB}"
+# the row's version alone: a fifth of the statement's cost when the body is held already
+JOB_VERSION_SQL = f"SELECT j.xmin::text FROM jobs j {_WHERE_JOB}"
 _VERSION = "j.id::text || '.' || j.xmin::text"
 
 
@@ -183,17 +183,22 @@ async def job_body(conn: Any, job_id: uuid.UUID, tenant_id: uuid.UUID,  # noqa: 
     AsyncConnection; ``cache``: bodies sent before (the key holds the tenant as well, though
     the statement alone already finds nothing for another tenant)."""
     key = ("job", tenant_id, job_id)
+    params = {"job_id": job_id, "tenant_id": tenant_id}
     held = cache.get(key) if cache is not None else None
-    cur = await conn.execute(JOB_SQL, {"job_id": job_id, "tenant_id": tenant_id,
-                                       "known": held[0] if held else None})
+    if held is not None:
+        cur = await conn.execute(JOB_VERSION_SQL, params)
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        if row[0] == held[0]:  # the row is the version the body was built from
+            return held[1]
+    cur = await conn.execute(JOB_SQL, params)
     row = await cur.fetchone()
     if row is None:
         return None
-    if held is not None and row[1] is None:  # the row is the version the body was built from
-        return held[1]
-    body = _job(row[1:]).encode()
+    body = _job(row).encode()
     if cache is not None:
-        cache.put(key, row[0], body)
+        cache.put(key, row[5], body)
     return body
 
 
