@@ -172,6 +172,29 @@ def test_fgsm_bim_and_pgd_follow_the_recipe_one_image_at_a_time(data: dict) -> N
     assert abs(float(d.mean())) < 0.01 and float(d.std()) == pytest.approx(eps / math.sqrt(3), rel=0.1)
 
 
+class _LeftHalf(nn.Module):
+    """Looks only at the left half of the image: the loss has an exactly zero gradient on the
+    right half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64 // 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x[..., :4].flatten(1))
+
+
+@pytest.mark.parametrize("name", ["fgsm", "bim", "pgd"])
+def test_a_pixel_the_loss_ignores_is_not_moved(data: dict, name: str) -> None:
+    """sign(0) is 0: no step along a zero gradient (PGD without its random start)."""
+    torch.manual_seed(0)
+    m, x, y = _LeftHalf().eval(), data["x"][:16], data["y"][:16]
+    kw = {"random_start": False} if name == "pgd" else {}
+    out = make_attack(name, m, eps=0.1, **kw)(x, y)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    assert not torch.equal(out[..., :4], x[..., :4])
+
+
 def test_pgd_more_steps_not_weaker(data: dict) -> None:
     m, x, y = data["model"], data["x"], data["y"]
     acc = {s: _acc(m, make_attack("pgd", m, "digits", steps=s)(x, y), y) for s in (5, 40)}
