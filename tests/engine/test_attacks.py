@@ -525,3 +525,26 @@ def test_bad_inputs_raise(data: dict) -> None:
     with pytest.raises(AttackParamError, match="model"):
         make_attack("fgsm", object(), "digits")  # type: ignore[arg-type]
     assert atk(x[:0], y[:0]).shape == (0, 1, 8, 8)
+
+
+def test_cw_searches_c_as_the_papers_code_does(data: dict) -> None:
+    """After a failure the lower bound rises to c and c grows tenfold while no success bounds
+    it; after a success the upper bound drops to c; the next c is the bounds' midpoint. The
+    smallest-L2 success over all runs is kept. (The runs are stubbed: success iff c >= 3, with
+    an L2 that grows with c.)"""
+    from worker.engine.attacks.cw import CW
+
+    x, y = data["x"][:2], data["y"][:2]
+    atk = CW(data["model"], c=1.0, binary_search_steps=5)
+    seen = []
+
+    def run(xb, yb, c):  # noqa: ANN001, ANN202
+        seen.append(c.tolist())
+        ok = c >= 3
+        adv = torch.where(ok[:, None, None, None], xb * 0 + c[:, None, None, None] / 100, xb)
+        return adv, torch.where(ok, c, torch.full_like(c, float("inf")))
+
+    atk._optimise = run
+    out = atk(x, y)
+    assert [s[0] for s in seen] == pytest.approx([1.0, 10.0, 5.5, 3.25, 2.125])
+    assert torch.allclose(out, torch.full_like(x, 0.0325))  # from c = 3.25, the smallest L2
