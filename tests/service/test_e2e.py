@@ -152,3 +152,42 @@ def test_embedded_dare_serve_with_pt2_and_npz(subject, tmp_path):
         assert (tmp_path / "var" / "dare.db").is_file()  # SQLite, migrated by serve itself
     finally:
         serve.stop()
+
+
+def test_a_colour_resnet_goes_through_dare_serve(tmp_path):
+    """The 3-channel 32x32 path through the service: a ResNet-18 (residual adds) at 1/16 width
+    trained on synthetic colour images, submitted as .pt2 with its .npz, hardened by the
+    embedded worker; the hardened ONNX takes (N, 3, 32, 32) and gives the 3 classes."""
+    import onnxruntime as ort
+
+    from tests.engine.test_paper_archs import WIDTH, colour_splits
+    from worker.engine.reference import train_reference
+
+    splits = colour_splits(n=24, classes=3)
+    ref = train_reference("resnet18", splits, 2, tmp_path / "subject", width=WIDTH,
+                          lr_schedule="cosine")
+    port = free_port()
+    serve = Proc("serve", dare_cmd("serve", "--port", str(port), "--home", str(tmp_path / "var")),
+                 service_env(), tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    config = {"evaluation": {"n_samples": 12, "attacks": ["fgsm"]}, "tune": {"epochs": 1},
+              "history_fraction": 1.0}
+    try:
+        wait_http(f"{base}/readyz", serve, timeout=120)
+        with open(ref["model_pt2"], "rb") as m, open(ref["history_zip"], "rb") as h, \
+                open(ref["data_npz"], "rb") as d:
+            r = httpx.post(f"{base}/v1/jobs", files={"model": ("model.pt2", m),
+                                                     "history": ("history.zip", h),
+                                                     "data": ("data.npz", d)},
+                           data={"config": json.dumps(config)}, timeout=60)
+        assert r.status_code == 202, r.text
+        job = wait_job(base, r.json()["id"], TERMINAL, 600, [serve])
+        assert job["status"] == "succeeded", job
+        onnx_bytes = httpx.get(f"{base}/v1/jobs/{job['id']}/artifacts/hardened.onnx",
+                               timeout=60).content
+    finally:
+        serve.stop()
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    logits = sess.run(None, {inp.name: splits.x_test[:5].numpy()})[0]
+    assert logits.shape == (5, 3)
