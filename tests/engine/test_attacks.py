@@ -548,3 +548,21 @@ def test_cw_searches_c_as_the_papers_code_does(data: dict) -> None:
     out = atk(x, y)
     assert [s[0] for s in seen] == pytest.approx([1.0, 10.0, 5.5, 3.25, 2.125])
     assert torch.allclose(out, torch.full_like(x, 0.0325))  # from c = 3.25, the smallest L2
+
+
+def test_cw_keeps_only_examples_with_the_required_margin(data: dict) -> None:
+    """With kappa > 0 an iterate counts only once the best other logit beats the true one by
+    kappa: every returned example that moved is misclassified with that margin, and the attack
+    still finds some."""
+    from worker.engine.attacks.cw import CW
+
+    m, x, y = data["model"].eval(), data["x"][:24], data["y"][:24]
+    kappa = 2.0
+    out = CW(m, c=10.0, kappa=kappa, steps=60, lr=0.05)(x, y)
+    moved = (out != x).flatten(1).any(1)
+    assert moved.sum() >= 12
+    with torch.no_grad():
+        logits = m(out[moved])
+    real = logits.gather(1, y[moved][:, None]).squeeze(1)
+    other = logits.scatter(1, y[moved][:, None], float("-inf")).amax(1)
+    assert bool(((other - real) >= kappa - 1e-4).all()), (other - real).min()
