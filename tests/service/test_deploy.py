@@ -56,7 +56,11 @@ def test_compose_and_dockerfiles_run_the_commands_the_tests_run():
     parser.parse_args(svc["migrate"]["command"][1:])
     for f in ("api.Dockerfile", "worker.Dockerfile"):
         text = (REPO / "docker" / f).read_text()
-        assert "pip install -e ." in text and "COPY alembic ./alembic" in text
+        assert re.search(r'pip install -e "?\.', text) and "COPY alembic ./alembic" in text
+    # the worker logs finished jobs to MLflow when DARE_MLFLOW_TRACKING_URI is set: its image
+    # has the extra unless built with --build-arg EXTRAS=
+    worker = (REPO / "docker" / "worker.Dockerfile").read_text()
+    assert "ARG EXTRAS=mlflow" in worker and '".${EXTRAS:+[$EXTRAS]}"' in worker
 
 
 def test_worker_dockerfile_uses_a_cuda_base_image():
