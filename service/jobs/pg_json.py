@@ -112,8 +112,9 @@ _VERSION = "j.id::text || '.' || j.xmin::text"
 
 @functools.cache
 def page_sql(by_status: bool, after_cursor: bool) -> str:
-    """The page query for one combination of filters; the last column is the cursor's JSON
-    (records.encode_cursor's), the order that of ix_jobs_tenant_id_created_at_id."""
+    """The page query for one combination of filters; after the five pieces come the cursor's
+    JSON (records.encode_cursor's) and the row's version (id and xmin), the order that of
+    ix_jobs_tenant_id_created_at_id."""
     where = ["j.tenant_id = %(tenant_id)s"]
     if by_status:
         where.append("j.status = ANY(%(statuses)s)")
