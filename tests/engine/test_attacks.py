@@ -241,6 +241,17 @@ def test_jsma_skips_features_that_can_barely_move(data: dict) -> None:
     assert (out != x).any()
 
 
+@pytest.mark.parametrize("theta,edge", [(1.0, 0.99), (-1.0, 0.01)])
+def test_jsma_skips_a_feature_exactly_at_the_domain_edge(data: dict, theta: float, edge: float) -> None:
+    """A feature that can move by exactly 0.01 in theta's direction is outside the search domain
+    (more than 0.01 is needed), for an increasing and a decreasing attack alike."""
+    m, x, y = data["model"], data["x"][:40].clone(), data["y"][:40]
+    x[:, :, 2:6, 2:6] = edge
+    out = JSMA(m, theta=theta, gamma=0.25)(x, y)
+    assert torch.equal(out[:, :, 2:6, 2:6], x[:, :, 2:6, 2:6])
+    assert (out != x).any()
+
+
 def _reference_jsma(model: nn.Module, x: torch.Tensor, t: int, theta: float, gamma: float) -> torch.Tensor:
     """Papernot et al.'s Algorithm 3 as in cleverhans (with torchattacks' 0.01 search-domain
     margin), one image, full Jacobian (one backward per class), full pair matrix: the slow
