@@ -98,6 +98,12 @@ OPERATORS = [
 # Surviving mutants judged equivalent (no behaviour changes), left out of the score:
 # (module or "*", operator, a piece of the line as committed or as mutated, why).
 EQUIVALENT: list[tuple[str, str, str, str]] = [
+    ("worker/engine/attacks/minimal.py", "ReplaceBreakWithContinue", "break",
+     "with no sample left to attack, the remaining radii run on empty batches and change "
+     "nothing (only time)"),
+    ("worker/engine/attacks/minimal.py", "NumberReplacer", "batch_size: int = 250",
+     "harmless: a default batch size; the search's result does not depend on it (every caller "
+     "passes the job's)"),
     ("worker/engine/attacks/pgd.py", "ReplaceBinaryOperator_Add_Sub",
      "start = (x - torch.empty_like(x).uniform_(-self.eps, self.eps))",
      "U(-eps, eps) is symmetric: x - u has the distribution of x + u (the random start's "

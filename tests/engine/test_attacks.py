@@ -577,3 +577,37 @@ def test_cw_keeps_only_examples_with_the_required_margin(data: dict) -> None:
     real = logits.gather(1, y[moved][:, None]).squeeze(1)
     other = logits.scatter(1, y[moved][:, None], float("-inf")).amax(1)
     assert bool(((other - real) >= kappa - 1e-4).all()), (other - real).min()
+
+
+def test_the_minimal_grid_is_the_documented_one_and_ascends() -> None:
+    """0.005 steps to 0.2, 0.02 steps to 0.5, 0.05 steps to 1.0; ascending, so the first radius
+    that flips a label is the smallest on the grid."""
+    from worker.engine.attacks.minimal import EPS_GRID
+
+    assert len(EPS_GRID) == 65 and EPS_GRID[0] == 0.005 and EPS_GRID[-1] == 1.0
+    assert EPS_GRID[39] == 0.2 and EPS_GRID[40] == 0.22 and EPS_GRID[54] == 0.5 and EPS_GRID[55] == 0.55
+    steps = [round(b - a, 3) for a, b in zip(EPS_GRID, EPS_GRID[1:])]
+    assert set(steps[:39]) == {0.005} and set(steps[39:54]) == {0.02} and set(steps[54:]) == {0.05}
+
+
+def test_minimal_params_name_what_each_attack_ran_with() -> None:
+    from worker.engine.attacks import budgets
+    from worker.engine.attacks.minimal import minimal_params
+
+    grid = [0.005, 1.0, 65]
+    assert minimal_params("fgsm") == {"eps_grid": grid}
+    assert minimal_params("bim") == {"eps_grid": grid, "alpha": "eps/4", **budgets.BIM}
+    assert minimal_params("pgd") == {"eps_grid": grid, "alpha": "eps/4", **budgets.PGD}
+    assert minimal_params("cw") == {**budgets.CW, "binary_search_steps": 5}
+    assert minimal_params("jsma") == dict(budgets.JSMA)
+    with pytest.raises(ValueError, match="unknown attack"):
+        minimal_params("deepfool")
+
+
+def test_minimal_search_of_a_single_image(data: dict) -> None:
+    """One image is searched like any batch: its smallest flipping radius is found."""
+    from worker.engine.attacks import minimal_linf
+
+    m, x, y = data["model"], data["x"][:1], data["y"][:1]
+    _, success, eps = minimal_linf("fgsm", m, x, y)
+    assert bool(success[0]) and 0.005 <= float(eps[0]) <= 1.0
