@@ -541,8 +541,8 @@ def test_bad_inputs_raise(data: dict) -> None:
 def test_cw_searches_c_as_the_papers_code_does(data: dict) -> None:
     """After a failure the lower bound rises to c and c grows tenfold while no success bounds
     it; after a success the upper bound drops to c; the next c is the bounds' midpoint. The
-    smallest-L2 success over all runs is kept. (The runs are stubbed: success iff c >= 3, with
-    an L2 that grows with c.)"""
+    smallest-L2 success over all runs is kept, the first of equals. (The runs are stubbed:
+    success iff c >= 3, with an L2 that grows with c; then with one L2 for every success.)"""
     from worker.engine.attacks.cw import CW
 
     x, y = data["x"][:2], data["y"][:2]
@@ -559,6 +559,13 @@ def test_cw_searches_c_as_the_papers_code_does(data: dict) -> None:
     out = atk(x, y)
     assert [s[0] for s in seen] == pytest.approx([1.0, 10.0, 5.5, 3.25, 2.125])
     assert torch.allclose(out, torch.full_like(x, 0.0325))  # from c = 3.25, the smallest L2
+
+    def run_equal(xb, yb, c):  # noqa: ANN001, ANN202
+        adv, l2 = run(xb, yb, c)
+        return adv, torch.where(torch.isfinite(l2), torch.ones_like(l2), l2)
+
+    atk._optimise = run_equal
+    assert torch.allclose(atk(x, y), torch.full_like(x, 0.1))  # c = 10: the first success
 
 
 def test_cw_keeps_only_examples_with_the_required_margin(data: dict) -> None:
@@ -611,3 +618,29 @@ def test_minimal_search_of_a_single_image(data: dict) -> None:
     m, x, y = data["model"], data["x"][:1], data["y"][:1]
     _, success, eps = minimal_linf("fgsm", m, x, y)
     assert bool(success[0]) and 0.005 <= float(eps[0]) <= 1.0
+
+
+def test_cw_moves_pixels_at_exactly_0_and_takes_colour_batches(data: dict) -> None:
+    """Carlini's atanh scale keeps w finite for pixels at exactly 0 or 1, so they can move
+    (most of a digit's pixels are 0); a batch of 3-channel images of another size than its
+    channel count goes through too."""
+    from worker.engine.attacks.cw import CW
+
+    m, x, y = data["model"].eval(), data["x"][:16], data["y"][:16]
+    out = CW(m, c=10.0, steps=40, lr=0.05)(x, y)
+    assert bool((out[x == 0] > 0).any())
+    torch.manual_seed(0)
+    colour = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    xc = torch.rand(5, 3, 8, 8)
+    assert CW(colour, steps=5)(xc, colour(xc).argmax(1)).shape == (5, 3, 8, 8)
+
+
+@pytest.mark.parametrize("kw,param", [({"lr": 0.0}, "lr"), ({"steps": 0}, "steps"),
+                                      ({"binary_search_steps": 0}, "binary_search_steps"),
+                                      ({"c": 0.0}, "c"), ({"kappa": -0.1}, "kappa")])
+def test_cw_refuses_parameters_outside_their_range(data: dict, kw: dict, param: str) -> None:
+    from worker.engine.attacks.cw import CW
+
+    with pytest.raises(AttackParamError) as e:
+        CW(data["model"], **kw)
+    assert e.value.param == param
