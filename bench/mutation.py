@@ -48,6 +48,7 @@ MODULES: dict[str, list[str]] = {
     "worker/engine/evaluation.py": [f"{_B}the_adaptive_attack_is_built_against_each_hardened_model",
                                     f"{_B}adaptive_accuracy_is_the_hardened_model_on_its_own_attack",
                                     f"{_B}evaluation_eps_reaches_every_linf_attack",
+                                    "tests/engine/test_perturbation_stats.py",
                                     "tests/engine/test_evaluation.py"],
     "worker/engine/report.py": [f"{_B}a_drop_exactly_at_the_budget_is_within_it",
                                 f"{_B}a_method_without_an_adaptive_score_ranks_last",
