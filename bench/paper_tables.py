@@ -212,6 +212,20 @@ def _within(ev: dict, method: str, limit: float) -> bool:
     return ev["clean"]["original"] - ev["clean"][method] <= limit + 1e-9
 
 
+def _scenario_rows(results: list, protocol: str, kind: str, methods, judged):
+    """One row per subject and attack run: ``(result, evaluation, attack,
+    the winners among ``judged``, the formatted cells with the winners in bold)``."""
+    for r in results:
+        ev = r[protocol]["evaluation"]
+        for a in ATTACKS:
+            if a not in ev["attacks"]:
+                continue
+            vals = {m: _metric(ev, a, m, kind) for m in methods}
+            win = _winners({m: vals[m] for m in judged})
+            cells = [f"**{_pct(vals[m])}**" if m in win else _pct(vals[m]) for m in methods]
+            yield r, ev, a, win, cells
+
+
 def table_er(results: list, protocol: str, kind: str, methods=PAPER) -> tuple[str, dict]:
     lines = [
         f"ER ({'transfer: hardened model on adversarial examples made against the original' if kind == 'transfer_er' else 'adaptive: attack re-run against each hardened model'}), "
@@ -221,19 +235,12 @@ def table_er(results: list, protocol: str, kind: str, methods=PAPER) -> tuple[st
         "|---|---|---|" + "---|" * len(methods)]
     wins = {m: 0 for m in methods}
     scenarios = 0
-    for r in results:
-        ev = r[protocol]["evaluation"]
-        for a in ATTACKS:
-            if a not in ev["attacks"]:
-                continue
-            vals = {m: _metric(ev, a, m, kind) for m in methods}
-            win = _winners(vals)
-            scenarios += 1
-            for m in win:
-                wins[m] += 1
-            cells = [f"**{_pct(vals[m])}**" if m in win else _pct(vals[m]) for m in methods]
-            lines.append(f"| {r['arch']}/{r['dataset']} | {a} | "
-                         f"({_pct(ev['attacks'][a]['original_accuracy'])}) | " + " | ".join(cells) + " |")
+    for r, ev, a, win, cells in _scenario_rows(results, protocol, kind, methods, methods):
+        scenarios += 1
+        for m in win:
+            wins[m] += 1
+        lines.append(f"| {r['arch']}/{r['dataset']} | {a} | "
+                     f"({_pct(ev['attacks'][a]['original_accuracy'])}) | " + " | ".join(cells) + " |")
     lines += ["", f"Scenarios won (ties count for each tied method), of {scenarios}: " +
               ", ".join(f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1]))]
     return "\n".join(lines), {"wins": wins, "scenarios": scenarios}
@@ -262,10 +269,7 @@ def table_ablation(results: list, protocol: str, kind: str) -> str:
         ev = r[protocol]["evaluation"]
         cells = []
         for m in methods:
-            vals = [_metric(ev, a, m, kind) for a in ATTACKS if a in ev["attacks"]]
-            vals = [v for v in vals if v is not None]
-            mean = sum(vals) / len(vals) if vals else None
-            cells.append(f"{_pct(mean)} ({_pct(ev['clean'].get(m))})")
+            cells.append(f"{_pct(_mean_over_attacks(ev, m, kind))} ({_pct(ev['clean'].get(m))})")
         lines.append(f"| {r['arch']}/{r['dataset']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -343,22 +347,15 @@ def table_er_beside_paper(results: list, protocol: str, kind: str) -> str:
     methods = PAPER + CONTROLS
     lines = ["| subject | attack | source | orig | " + " | ".join(methods) + " |",
              "|---|---|---|---|" + "---|" * len(methods)]
-    for r in results:
-        ev = r[protocol]["evaluation"]
-        for a in ATTACKS:
-            if a not in ev["attacks"]:
-                continue
-            vals = {m: _metric(ev, a, m, kind) for m in methods}
-            win = _winners({m: vals[m] for m in PAPER})
-            cells = [f"**{_pct(vals[m])}**" if m in win else _pct(vals[m]) for m in methods]
-            lines.append(f"| {r['arch']}/fashion | {a} | ours | "
-                         f"({_pct(ev['attacks'][a]['original_accuracy'])}) | " + " | ".join(cells) + " |")
-            paper = TABLE2_FM.get(r["arch"], {}).get(a)
-            if paper is not None and kind == "transfer_er":
-                pwin = _winners(paper)
-                pcells = [(f"**{paper[m]:.1f}**" if m in pwin else f"{paper[m]:.1f}") if m in paper
-                          else "n/a" for m in methods]
-                lines.append("| | | paper | - | " + " | ".join(pcells) + " |")
+    for r, ev, a, win, cells in _scenario_rows(results, protocol, kind, methods, PAPER):
+        lines.append(f"| {r['arch']}/fashion | {a} | ours | "
+                     f"({_pct(ev['attacks'][a]['original_accuracy'])}) | " + " | ".join(cells) + " |")
+        paper = TABLE2_FM.get(r["arch"], {}).get(a)
+        if paper is not None and kind == "transfer_er":
+            pwin = _winners(paper)
+            pcells = [(f"**{paper[m]:.1f}**" if m in pwin else f"{paper[m]:.1f}") if m in paper
+                      else "n/a" for m in methods]
+            lines.append("| | | paper | - | " + " | ".join(pcells) + " |")
     return "\n".join(lines)
 
 
