@@ -107,6 +107,14 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/minimal.py", "NumberReplacer", "batch_size: int = 250",
      "harmless: a default batch size; the search's result does not depend on it (every caller "
      "passes the job's)"),
+    ("worker/engine/attacks/minimal.py", "NumberReplacer", "if todo.numel() == -1:",
+     "never true: like break made continue, the remaining radii run on empty batches and change "
+     "nothing (only time)"),
+    *[("worker/engine/attacks/minimal.py", "NumberReplacer", f"round({term}, {digits})",
+       "EPS_GRID's values have at most two decimals past 0.2 and three below: rounding them to "
+       "one more digit, or to two past 0.2, gives the same floats")
+      for term, digits in [("0.005 * i", 4), ("0.2 + 0.02 * i", 4), ("0.2 + 0.02 * i", 2),
+                           ("0.5 + 0.05 * i", 4), ("0.5 + 0.05 * i", 2)]],
     ("worker/engine/attacks/pgd.py", "ReplaceBinaryOperator_Add_Sub",
      "start = (x - torch.empty_like(x).uniform_(-self.eps, self.eps))",
      "U(-eps, eps) is symmetric: x - u has the distribution of x + u (the random start's "
