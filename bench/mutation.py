@@ -291,6 +291,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "seed: int = 0, *, batch_size: int = 250)",
      "harmless defaults: make_attack passes default_params' seed, and the result does not depend "
      "on the batch size (test_jsma_result_does_not_depend_on_batch_size)"),
+    ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
+     "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
+     "constant (the rest wait for the next pass, a few seconds later)"),
     ("service/api/quotas.py", "NumberReplacer", "RETRY_AFTER_S = 30",
      "harmless rather than equivalent: the Retry-After hint's value is a tuning constant (the "
      "README promises the header, which test_quotas checks, not its number)"),

@@ -456,3 +456,17 @@ def test_a_waiting_method_message_is_told_apart_from_its_stage(ctx, submit, empt
     CeleryDispatcher(ctx.settings).enqueue(jid, "compare:trades")
     CeleryDispatcher(ctx.settings).enqueue(jid, "validate")
     assert queued_messages(ctx.settings) == {(jid, "compare:trades"), (jid, "validate")}
+
+
+def test_a_job_that_cannot_be_reconciled_does_not_stop_the_others(ctx, submit, dispatcher,
+                                                                  empty_broker):
+    """A job whose record is odd (here: no stages at all) is counted as an error and skipped;
+    the jobs after it in the pass are still looked at."""
+    odd, good = submit(), submit()
+    with ctx.engine.begin() as c:
+        c.execute(text("UPDATE jobs SET stages = '[]' WHERE id = :j"), {"j": uuid.UUID(odd)})
+    _age(ctx, odd, 40)  # the older one: first in the pass
+    _age(ctx, good, 31)
+    dispatcher.sent.clear()
+    assert _reconcile(ctx, dispatcher) == {"errors": 1, "not_picked_up": 1}
+    assert dispatcher.sent == [(good, "validate")]
