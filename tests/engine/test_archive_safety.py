@@ -91,3 +91,11 @@ def test_configure_applies_only_what_it_is_given(monkeypatch):
     assert A.CAPS.max_total == 123 and A.CAPS.max_ratio == 7.0
     A.configure()
     assert A.CAPS.max_total == 123 and A.CAPS.max_ratio == 7.0
+
+
+def test_torchscript_is_code_beside_a_data_pickle():
+    is_torchscript = A.is_torchscript
+    assert is_torchscript(["m/code/__torch__/m.py", "m/data.pkl"])
+    assert is_torchscript(["code/__torch__/m.py", "data.pkl"])  # at the archive's root
+    assert not is_torchscript(["m/code/__torch__/m.py", "m/constants.pkl"])  # no data.pkl
+    assert not is_torchscript(["m/data.pkl", "m/code/other.py"])  # no TorchScript code

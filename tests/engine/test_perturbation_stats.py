@@ -43,3 +43,9 @@ def test_the_l2_bound_keeps_a_perturbation_exactly_at_the_radius():
     adv = torch.tensor([[[[0.3, 0.4]]], [[[0.6, 0.8]]], [[[0.0, 0.2]]]])  # L2 0.5, 1.0, 0.2
     out = bound_l2(x, adv, 0.5)
     assert torch.equal(out[0], adv[0]) and torch.equal(out[1], x[1]) and torch.equal(out[2], adv[2])
+
+
+def test_a_change_of_exactly_the_l0_threshold_is_not_counted():
+    x = torch.zeros(1, 1, 1, 3)
+    adv = torch.tensor([[[[1e-6, 2e-6, 0.0]]]])  # float32: the first is the threshold itself
+    assert perturbation_norms("l0", x, adv).tolist() == [1.0]
