@@ -59,6 +59,10 @@ def test_the_ratio_check_starts_above_1_mib_and_refuses_more_than_the_limit():
     assert e.value.code == "zip_bomb" and "expands 200 times" in str(e.value)
     with pytest.raises(InputError):  # a stored size of 0 counts as 1
         A.check_ratio(info(MiB + 1, 0), MiB + 1, "h", 200.0)
+    # ... as 1 exactly, not 0 nor 2: a limit just below the size refuses, one twice the size passes
+    with pytest.raises(InputError, match="expands 1048577 times"):
+        A.check_ratio(info(MiB + 1, 0), MiB + 1, "h", float(MiB))
+    A.check_ratio(info(MiB + 1, 0), MiB + 1, "h", float(2 * MiB))
 
 
 def test_what_decompression_produces_may_reach_the_cap_but_not_pass_it():

@@ -470,3 +470,39 @@ def test_a_job_that_cannot_be_reconciled_does_not_stop_the_others(ctx, submit, d
     dispatcher.sent.clear()
     assert _reconcile(ctx, dispatcher) == {"errors": 1, "not_picked_up": 1}
     assert dispatcher.sent == [(good, "validate")]
+
+
+def test_a_retention_failure_is_one_error_and_the_pass_goes_on(ctx, submit, dispatcher,
+                                                               monkeypatch, empty_broker):
+    from service.jobs import reconciler
+
+    def broken(*_a, **_k):
+        raise OSError("disk gone (test)")
+
+    monkeypatch.setattr(reconciler, "expire_finished", broken)
+    jid = submit()
+    _age(ctx, jid, 31)
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1, "errors": 1}
+
+
+def test_malformed_broker_messages_are_skipped_not_fatal():
+    """Whatever else sits in the queue (foreign tasks, truncated or odd envelopes), the stage
+    messages beside it are still recognised."""
+    import base64
+    import json
+
+    from service.jobs.reconciler import _parse_all
+
+    def envelope(task, args, encode=True):
+        body = json.dumps([args, {}, {}])
+        return json.dumps({"headers": {"task": task},
+                           "body": base64.b64encode(body.encode()).decode() if encode else body,
+                           "properties": {"body_encoding": "base64"} if encode else {}})
+
+    jid = str(uuid.uuid4())
+    odd = [b"{not json", json.dumps({"headers": {"task": "dare.stage.tune"}}),  # no body
+           envelope("dare.stage.tune", []),  # no arguments
+           envelope("dare.stage.tune", 7, encode=False),  # arguments not a list
+           envelope("celery.ping", [jid])]  # not a stage task
+    good = [envelope("dare.stage.tune", [jid]), envelope("dare.stage.tune", [jid, "pgd"], False)]
+    assert _parse_all(odd + good) == {(jid, "tune"), (jid, "tune:pgd")}
