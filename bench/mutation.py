@@ -76,7 +76,12 @@ MODULES: dict[str, list[str]] = {
                             "tests/service/test_auth.py", "tests/service/test_isolation.py"],
     "service/api/uploads.py": ["tests/service/test_uploads.py", "tests/service/test_hostile.py"],
     "service/jobs/reconciler.py": [f"{_SB}a_long_stage_with_a_fresh_heartbeat_keeps_its_lease",
-                              "tests/service/test_reconciler.py"],
+                              "tests/service/test_reconciler.py",
+                              *[f"tests/service/test_fanout.py::test_{t}" for t in (
+                                  "reconciler_resends_only_the_method_whose_worker_died",
+                                  "a_live_method_beside_a_dead_one_does_not_hold_back_the_resend",
+                                  "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
+                                  "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
                             "tests/service/test_reconciler.py"],
 }

@@ -124,6 +124,25 @@ def test_reconciler_resends_only_the_method_whose_worker_died(ctx, pipeline, sub
     assert _rows(ctx, jid)["compare:at_fgsm"].attempts == 1
 
 
+def test_a_live_method_beside_a_dead_one_does_not_hold_back_the_resend(ctx, pipeline, submit,
+                                                                       dispatcher, empty_broker):
+    """One method's worker is alive (fresh heartbeat), another's died: the dead one is re-sent
+    all the same (only a cancelling job waits for its live workers to end it)."""
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    now = client_job(ctx, jid).updated_at
+    with ctx.factory.begin() as s:
+        rows = {r.name: r for r in s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid)))}
+        for name, age in (("compare:dare", 25), ("compare:at_fgsm", 0)):
+            run = rows[name]
+            run.status, run.attempts, run.task_id = StageStatus.running, 1, f"t-{name}"
+            run.started_at = now - timedelta(seconds=25)
+            run.heartbeat_at = now - timedelta(seconds=age)
+    dispatcher.sent.clear()
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"lease_expired": 1}
+    assert dispatcher.sent == [(jid, "compare:dare")]
+
+
 def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others(
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)
