@@ -433,11 +433,13 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         (scratch / module).write_bytes(subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO,
                                                       check=True, capture_output=True).stdout)
         server = None
-        if _forked(module):
-            sock = scratch / "pytest.sock"
-            timeout = float(re.search(r"^timeout = (\d+)", (scratch / "cr.toml").read_text(),
-                                      re.MULTILINE).group(1))
-            (scratch / "cr.toml").write_text(_config(module, tests, timeout, sock))
+        # the test command from MODULES as it is now (a resumed session may have been made with
+        # a shorter list), with the timeout the baseline sized
+        timeout = float(re.search(r"^timeout = (\d+)", (scratch / "cr.toml").read_text(),
+                                  re.MULTILINE).group(1))
+        sock = scratch / "pytest.sock" if _forked(module) else None
+        (scratch / "cr.toml").write_text(_config(module, tests, timeout, sock))
+        if sock is not None:
             sock.unlink(missing_ok=True)
             server = subprocess.Popen([sys.executable, str(REPO / "bench" / "pytest_fork.py"),
                                        "serve", str(sock)], cwd=scratch, env=env)
