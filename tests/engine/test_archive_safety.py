@@ -103,3 +103,17 @@ def test_torchscript_is_code_beside_a_data_pickle():
     assert is_torchscript(["code/__torch__/m.py", "data.pkl"])  # at the archive's root
     assert not is_torchscript(["m/code/__torch__/m.py", "m/constants.pkl"])  # no data.pkl
     assert not is_torchscript(["m/data.pkl", "m/code/other.py"])  # no TorchScript code
+
+
+def test_the_ratio_is_judged_on_exactly_the_bytes_produced():
+    size = MiB + 2  # two reads: the second one passes RATIO_MIN_BYTES
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("m", bytes(size))
+    zf = zipfile.ZipFile(buf)
+    info = zf.getinfo("m")
+    assert len(A.ReadBudget("h", 10 * MiB, 1.0).read_member(zf, info)) == size  # stored: 1.0
+    just_below = (size - 1) / size
+    assert just_below * size == size - 1  # the limit is size - 1 bytes, exactly
+    with pytest.raises(InputError, match="expands"):
+        A.ReadBudget("h", 10 * MiB, just_below).read_member(zf, info)
