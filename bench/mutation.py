@@ -80,6 +80,7 @@ MODULES: dict[str, list[str]] = {
                               *[f"tests/service/test_fanout.py::test_{t}" for t in (
                                   "reconciler_resends_only_the_method_whose_worker_died",
                                   "a_live_method_beside_a_dead_one_does_not_hold_back_the_resend",
+                                  "a_young_queued_method_does_not_end_the_look_at_the_ones_after_it",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
@@ -296,6 +297,16 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "seed: int = 0, *, batch_size: int = 250)",
      "harmless defaults: make_attack passes default_params' seed, and the result does not depend "
      "on the batch size (test_jsma_result_does_not_depend_on_batch_size)"),
+    ("worker/engine/evaluation.py", "NumberReplacer", "max(finite, default=1.0) or 1.0",
+     "with nothing finite the top is 1.0 either way (the default 1.0, or 0.0 made 1.0 by `or`)"),
+    ("worker/engine/archive_safety.py", "NumberReplacer", "_READ_CHUNK = ",
+     "harmless: the read size (512 KiB to 2 MiB instead of 1 MiB); the caps are checked on the "
+     "running total after every read, so only how far past a limit a bomb is read changes"),
+    ("worker/engine/archive_safety.py", "ReplaceBinaryOperator_Mul_Div", "what: str, /, max_total",
+     "the keyword-only marker `*` made `/` (check_members): both callers pass the archive and "
+     "its name by position and the limits by keyword"),
+    ("service/jobs/reconciler.py", "NumberReplacer", "JobEvent.at >= run.since)) or ",
+     "COUNT() never returns NULL, so the `or 0` fallback is never taken"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

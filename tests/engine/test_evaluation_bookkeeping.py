@@ -139,7 +139,8 @@ _LABELS = [int(v > 0.5) ^ (i % 9 == 4) for i, v in enumerate(_VALUES)]
 
 @pytest.mark.parametrize("protocol, adaptive, names", [
     ("fixed_eps", True, ["fgsm", "pgd"]), ("fixed_eps", False, ["fgsm"]),
-    ("minimal", True, ["fgsm"]), ("minimal", False, ["fgsm", "autoattack"])])
+    ("minimal", True, ["fgsm"]), ("minimal", False, ["fgsm", "autoattack"]),
+    ("minimal", True, ["autoattack", "fgsm"])])
 def test_every_unit_of_work_is_ticked_once(meters, protocol, adaptive, names):
     """The meter's total is exactly the work done: progress neither stalls below 1 nor reaches
     it early (a wrong total or a tick counted twice would show as a difference here)."""

@@ -143,6 +143,23 @@ def test_a_live_method_beside_a_dead_one_does_not_hold_back_the_resend(ctx, pipe
     assert dispatcher.sent == [(jid, "compare:dare")]
 
 
+def test_a_young_queued_method_does_not_end_the_look_at_the_ones_after_it(ctx, pipeline, submit,
+                                                                          dispatcher, empty_broker):
+    """The first method's message is young (it may be waiting its turn); the second's worker
+    died: the pass still reaches the second and re-sends it."""
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    old = client_job(ctx, jid).updated_at - timedelta(seconds=25)
+    with ctx.factory.begin() as s:
+        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
+                                               StageRun.name == "compare:at_fgsm")).one()
+        run.status, run.attempts, run.task_id = StageStatus.running, 1, "dead"
+        run.started_at = run.heartbeat_at = old
+    dispatcher.sent.clear()
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"lease_expired": 1}
+    assert dispatcher.sent == [(jid, "compare:at_fgsm")]
+
+
 def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others(
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)

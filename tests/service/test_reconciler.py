@@ -100,6 +100,7 @@ def test_unclaimed_first_stage_is_resent_once_per_requeue_interval(ctx, submit, 
     assert dispatcher.sent == [(jid, "validate")] * 2
     [ev] = _events(ctx, jid, "requeued")
     assert ev.stage == "validate" and ev.data["reason"] == "not_picked_up"
+    assert ev.data["attempts"] == 0  # no worker ever took it
     _age(ctx, jid, 31)
     assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
     assert len(_events(ctx, jid, "requeued")) == 2
@@ -506,3 +507,11 @@ def test_malformed_broker_messages_are_skipped_not_fatal():
            envelope("celery.ping", [jid])]  # not a stage task
     good = [envelope("dare.stage.tune", [jid]), envelope("dare.stage.tune", [jid, "pgd"], False)]
     assert _parse_all(odd + good) == {(jid, "tune"), (jid, "tune:pgd")}
+
+
+def test_a_broker_that_cannot_be_looked_into_leaves_the_age_rule(ctx):
+    """Unreachable (nothing listens on port 1): unknown, not an error, so the reconciler goes on
+    deciding by age alone."""
+    from service.jobs.reconciler import queued_messages
+
+    assert queued_messages(ctx.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})) is None
