@@ -307,6 +307,22 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "its name by position and the limits by keyword"),
     ("service/jobs/reconciler.py", "NumberReplacer", "JobEvent.at >= run.since)) or ",
      "COUNT() never returns NULL, so the `or 0` fallback is never taken"),
+    ("service/api/auth.py", "NumberReplacer", "KEY_CACHE_SIZE = 4096",
+     "harmless rather than equivalent: how many keys one API process remembers is a tuning "
+     "constant (the bound itself is tested with a cache of size 2)"),
+    ("service/api/auth.py", "NumberReplacer", "KEY_CACHE_TTL_S = 5.0",
+     "harmless rather than equivalent: the cache's lifetime is a tuning constant (expiry at the "
+     "TTL is tested with a TTL of 5 given explicitly)"),
+    ("service/api/auth.py", "NumberReplacer", "_revocations = 0",
+     "the revocation counter's starting value: only whether it changed between a lookup and its "
+     "use matters"),
+    ("service/api/auth.py", "ReplaceBinaryOperator_Mul_Div", "tenant: str, /, max_active_jobs",
+     "the keyword-only marker `*` made `/` (create_api_key): every caller passes the session and "
+     "tenant by position and the quota by keyword"),
+    ("service/api/auth.py", "ReplaceComparisonOperator_Gt_GtE",
+     "now - api_key.last_used_at > LAST_USED_RESOLUTION",
+     "differs only for a key used again exactly one minute later to the microsecond: one write "
+     "more or less of last_used_at"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

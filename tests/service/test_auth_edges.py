@@ -139,3 +139,10 @@ def test_the_principal_cache_evicts_the_least_recently_read_and_holds_its_size()
     assert cache.get("a") == p["a"] and cache.get("c") == p["c"]  # two entries, as sized
     cache.put(None, p["b"], cache.generation())  # open mode's principal has a slot of its own
     assert cache.get(None) == p["b"] and cache.get("a") is None
+
+
+def test_the_key_list_names_each_keys_own_tenant(factory):
+    a1, b1, a2 = _new_key(factory, "a"), _new_key(factory, "b"), _new_key(factory, "a")
+    with factory() as s:
+        listed = [(k.prefix, name) for k, name in auth.list_keys(s)]
+    assert listed == [(a1[5:17], "a"), (a2[5:17], "a"), (b1[5:17], "b")]
