@@ -1,4 +1,4 @@
-"""A pytest fork server for the mutation runs of the engine modules (bench/mutation.py).
+"""A pytest fork server for the mutation runs (bench/mutation.py), engine and service modules.
 
 Every mutant's test run used to be a fresh ``python -m pytest``: on the shared two-core machine
 importing torch, sklearn and the rest took 20-50 s of each run, more than the tests. The
@@ -20,11 +20,15 @@ import signal
 import socket
 import sys
 
-# third-party packages the engine tests import; never the project's own (those must be re-read)
+# third-party packages the tests import; never the project's own (those must be re-read)
 PRELOAD = ("numpy", "torch", "torch.fx", "torch.export", "torch.nn.functional", "torch.optim",
            "sklearn.datasets", "hypothesis", "pydantic", "pytest", "onnx",
            "onnxruntime", "onnx2torch", "pytest_timeout", "anyio.pytest_plugin",
-           "_hypothesis_pytestplugin", "pytest_subtests.plugin")
+           "_hypothesis_pytestplugin", "pytest_subtests.plugin",
+           # and the service tests': the web stack, the database, the broker, the HTTP clients
+           "fastapi", "starlette.testclient", "uvicorn", "sqlalchemy", "sqlalchemy.orm", "psycopg",
+           "alembic.command", "celery", "kombu", "redis", "httpx", "multipart",
+           "pydantic_settings", "safetensors.torch", "schemathesis")
 
 
 def serve(path: str) -> None:
