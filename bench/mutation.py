@@ -74,7 +74,9 @@ MODULES: dict[str, list[str]] = {
                             "tests/service/test_read_cost.py::test_the_cache_expires_forgets_on_"
                             "revocation_and_stays_bounded",
                             "tests/service/test_auth.py", "tests/service/test_isolation.py"],
-    "service/api/uploads.py": ["tests/service/test_uploads.py", "tests/service/test_hostile.py"],
+    "service/api/uploads.py": ["tests/service/test_upload_edges.py", "tests/service/test_uploads.py",
+                               "tests/service/test_hostile.py",
+                               "tests/service/test_upload_deadlines.py"],
     "service/jobs/reconciler.py": [f"{_SB}a_long_stage_with_a_fresh_heartbeat_keeps_its_lease",
                               "tests/service/test_reconciler.py",
                               *[f"tests/service/test_fanout.py::test_{t}" for t in (
@@ -323,6 +325,16 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "now - api_key.last_used_at > LAST_USED_RESOLUTION",
      "differs only for a key used again exactly one minute later to the microsecond: one write "
      "more or less of last_used_at"),
+    ("service/api/uploads.py", "NumberReplacer", "rsplit(\"/\", 2)[-1]",
+     "the last of at most three pieces is the last of two: the same final path component"),
+    ("service/api/uploads.py", "NumberReplacer", "rsplit(\"\\\\\", 2)[-1]",
+     "the last of at most three pieces is the last of two: the same final path component"),
+    ("service/api/uploads.py", "NumberReplacer", "+ 2 * settings.max_config_bytes + 64 * 1024)",
+     "harmless rather than equivalent: the whole body's slack for the text fields and the "
+     "multipart framing (each file is held to its own limit while streaming)"),
+    ("service/api/uploads.py", "NumberReplacer", "DRAIN_BYTES = ",
+     "harmless rather than equivalent: how much of a refused body is read away so the client "
+     "sees the answer is a tuning constant (the cap itself is tested against the constant)"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

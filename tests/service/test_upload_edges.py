@@ -1,0 +1,182 @@
+"""receive_form and its pace at their edges, driven message by message: a stand-in request hands
+the ASGI body messages over one at a time on a clock the test moves, so what is parsed when,
+what is drained after a refusal, and when a slow body is cut are exact. Plus the duplicate-field
+rule for text fields, the filename suffix rule and the upload's hold on its staging folder."""
+from __future__ import annotations
+
+import functools
+import types
+
+import anyio
+import pytest
+
+from service.api import uploads
+from service.api.uploads import StagingFull, UploadTooSlow, _Pace, _suffix, receive_form
+
+from .conftest import submit_files
+from .test_uploads import _assert_problem
+
+B = "edgeboundary"
+KiB = 1024
+
+
+def _body(payload: bytes) -> bytes:
+    return (f'--{B}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\n'
+            .encode() + payload + f"\r\n--{B}--\r\n".encode())
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class Request:
+    """What receive_form reads of a request: its headers and its ASGI receive()."""
+
+    def __init__(self, pieces, *, declared: int | None = None, clock: Clock | None = None,
+                 step_s: float = 0.0) -> None:
+        self.headers = {"content-type": f"multipart/form-data; boundary={B}"}
+        if declared is not None:
+            self.headers["content-length"] = str(declared)
+        self.pieces, self.received, self.clock, self.step_s = iter(pieces), 0, clock, step_s
+        self.last = None
+
+    async def receive(self) -> dict:
+        if self.clock is not None:
+            self.clock.now += self.step_s
+        body, more = next(self.pieces)
+        self.received += 1
+        return {"type": "http.request", "body": body, "more_body": more}
+
+
+def _messages(pieces: list[bytes]) -> list[tuple[bytes, bool]]:
+    return [(p, i < len(pieces) - 1) for i, p in enumerate(pieces)]
+
+
+class Budget:
+    """Stands in for the admission ticket: records holds and charges, can refuse up front."""
+
+    def __init__(self, request: Request | None = None, full: bool = False) -> None:
+        self.request, self.full = request, full
+        self.held, self.charged_at = [], []
+
+    def hold(self, staging) -> None:
+        self.held.append(staging)
+
+    def room_for(self, n: int) -> None:
+        if self.full:
+            raise StagingFull(100, 100, n)
+
+    def charge(self, n: int) -> None:
+        self.charged_at.append((self.request.received if self.request else None, n))
+
+
+def _receive(request, settings, staging, budget=None):
+    return anyio.run(functools.partial(receive_form, request, settings, staging, budget))
+
+
+@pytest.fixture
+def small(settings):
+    return settings.model_copy(update={"upload_chunk_bytes": 4 * KiB,
+                                       "upload_min_rate_bytes_s": 0})
+
+
+def test_a_body_is_parsed_and_charged_as_it_arrives_not_at_its_end(small, tmp_path):
+    payload = bytes(range(256)) * 256  # 64 KiB
+    pieces = _pieces(_body(payload), 4 * KiB)
+    req = Request(_messages(pieces))
+    budget = Budget(req)
+    form = _receive(req, small, tmp_path / "st", budget)
+    assert budget.held == [tmp_path / "st"]  # locked against the orphan sweep first
+    assert form.files["model"].size == len(payload)
+    assert form.files["model"].path.read_bytes() == payload
+    # one charge per piece, each made while that piece was the newest one received
+    assert [at for at, _ in budget.charged_at] == list(range(1, len(pieces) + 1))
+    assert sum(n for _, n in budget.charged_at) == len(_body(payload))
+
+
+def test_a_refused_body_is_drained_to_its_end_so_the_client_reads_the_answer(small, tmp_path):
+    pieces = _pieces(_body(bytes(32 * KiB)), 4 * KiB)
+    req = Request(_messages(pieces), declared=len(_body(bytes(32 * KiB))))
+    with pytest.raises(StagingFull):
+        _receive(req, small, tmp_path / "st", Budget(req, full=True))
+    assert req.received == len(pieces)
+
+
+def test_draining_stops_past_its_cap(small, tmp_path):
+    mib = bytes(1024 * KiB)
+    forever = ((mib, True) for _ in range(10_000))
+    req = Request(forever, declared=1000)
+    with pytest.raises(StagingFull):
+        _receive(req, small, tmp_path / "st", Budget(req, full=True))
+    assert req.received == uploads.DRAIN_BYTES // len(mib) + 1  # the first piece past the cap
+
+
+def test_time_the_server_spends_parsing_is_not_a_free_pass_for_the_client(small, tmp_path,
+                                                                          monkeypatch):
+    """10,000 B/s over 1 s windows; the client sends 4 KiB every 0.6 s (6.8 KB/s) and parsing
+    takes no time on this clock: the second window check cuts the body."""
+    clock = Clock()
+    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    s = small.model_copy(update={"upload_min_rate_bytes_s": 10_000, "upload_rate_window_s": 1.0})
+    pieces = _pieces(_body(bytes(64 * KiB)), 4 * KiB)
+    req = Request(_messages(pieces), clock=clock, step_s=0.6)
+    with pytest.raises(UploadTooSlow) as e:
+        _receive(req, s, tmp_path / "st")
+    assert e.value.reason == "rate" and req.received == 2
+
+
+def _pace(monkeypatch, settings, **kw):
+    clock = Clock()
+    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    return clock, _Pace(settings.model_copy(update=kw))
+
+
+def test_the_deadline_is_met_until_its_last_instant(settings, monkeypatch):
+    clock, pace = _pace(monkeypatch, settings, upload_deadline_s=10.0, upload_min_rate_bytes_s=0)
+    assert pace.wait_s() == 10.0  # no rate: only the deadline bounds a wait
+    clock.now = 9.999
+    pace.check()
+    clock.now = 10.0
+    with pytest.raises(UploadTooSlow) as e:
+        pace.check()
+    assert e.value.reason == "deadline"
+
+
+def test_each_rate_window_must_bring_its_bytes_and_then_a_new_one_begins(settings, monkeypatch):
+    clock, pace = _pace(monkeypatch, settings, upload_deadline_s=100.0,
+                        upload_min_rate_bytes_s=100, upload_rate_window_s=2.0)
+    assert pace.wait_s() == 2.0
+    pace.got(200)  # exactly min rate x window
+    clock.now = 2.0
+    pace.check()  # passes, and the next window runs to 4.0 with a fresh count
+    assert pace.window_end == 4.0 and pace.window_bytes == 0
+    pace.server_time(1.5)  # the server's own time moves the window's end, not the deadline
+    clock.now = 5.0
+    assert pace.wait_s() == 0.5 and pace.deadline == 100.0
+    pace.got(199)
+    clock.now = 5.5
+    with pytest.raises(UploadTooSlow) as e:
+        pace.check()
+    assert e.value.reason == "rate" and e.value.received == 399
+
+
+def test_a_text_field_sent_twice_is_refused(client, settings, subject_bytes):
+    files, data = submit_files(subject_bytes)
+    again = list(files.items()) + [("dataset", (None, data["dataset"]))]  # a plain form field
+    _assert_problem(client.post("/v1/jobs", files=again, data=data), 422, "duplicate_field",
+                    "dataset")
+
+
+@pytest.mark.parametrize("filename, suffix", [
+    ("model.ONNX", ".onnx"), ("runs/v1.2/model.pt2", ".pt2"), ("C:\\a.b\\history.zip", ".zip"),
+    ("dir.v2/model", ""), ("a.tar\\data", ""), ("noext", ""), ("x/y.z/w.npz", ".npz")])
+def test_the_suffix_is_the_last_one_of_the_last_path_component(filename, suffix):
+    assert _suffix(filename) == suffix
