@@ -271,6 +271,24 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "if todo.numel() == 0:",
      "only speed: leaving the candidate rounds early sends the rows left to the exact exhaustive "
      "search"),
+    ("worker/engine/attacks/jsma.py", "ReplaceComparisonOperator_Eq_NotEq", "if todo.numel() == 0:",
+     "only speed: leaving the candidate rounds while rows remain sends them to the exact "
+     "exhaustive search"),
+    ("worker/engine/attacks/jsma.py", "ReplaceComparisonOperator_LtE_Lt", "exact = bound <= sc",
+     "only speed: a row whose bound equals its best candidate score goes on to a larger round or "
+     "the exhaustive search, which find the same score"),
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "k *= 4",
+     "only speed: the candidate lists grow 3x or 5x a round instead of 4x; each round is exact "
+     "where the bound says so"),
+    ("worker/engine/attacks/jsma.py", "ReplaceBinaryOperator_Sub_Add",
+     "chunk = max(1, _PAIR_ELEMS // (nf * (nf - 1) // 2))",
+     "only memory: the chunk of rows sized for nf(nf+1)/2 pairs instead of nf(nf-1)/2"),
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "(y.shape[ -1],)",
+     "y is 1-D (checked by the base class): its last dimension is its first"),
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "c.index_select(1, j)).clamp_(min= -1))",
+     "a pair's score with its c-sum clamped at -1 instead of 0 is negative exactly where the "
+     "original is 0 (the a-sum is clamped at 0 first): every positive score, hence the best "
+     "pair and whether one exists, is unchanged"),
     ("worker/engine/attacks/jsma.py", "NumberReplacer",
      "clamp_(min=0) * (tc[:, -1:] + rc).clamp_(min=0)",
      "the pruning bound's clamps at 1 or -1 instead of 0: a factor above 0 is unchanged, and a "
