@@ -151,21 +151,40 @@ def test_the_deadline_is_met_until_its_last_instant(settings, monkeypatch):
 
 
 def test_each_rate_window_must_bring_its_bytes_and_then_a_new_one_begins(settings, monkeypatch):
-    clock, pace = _pace(monkeypatch, settings, upload_deadline_s=100.0,
-                        upload_min_rate_bytes_s=100, upload_rate_window_s=2.0)
+    kw = {"upload_deadline_s": 100.0, "upload_min_rate_bytes_s": 100, "upload_rate_window_s": 2.0}
+    clock, pace = _pace(monkeypatch, settings, **kw)
+    clock.now = 3.0  # the body starts at 3.0 on this clock
+    pace = _Pace(settings.model_copy(update=kw))
     assert pace.wait_s() == 2.0
     pace.got(200)  # exactly min rate x window
-    clock.now = 2.0
-    pace.check()  # passes, and the next window runs to 4.0 with a fresh count
-    assert pace.window_end == 4.0 and pace.window_bytes == 0
-    pace.server_time(1.5)  # the server's own time moves the window's end, not the deadline
     clock.now = 5.0
-    assert pace.wait_s() == 0.5 and pace.deadline == 100.0
+    pace.check()  # passes, and the next window runs to 7.0 with a fresh count
+    assert pace.window_end == 7.0 and pace.window_bytes == 0
+    pace.server_time(1.5)  # the server's own time moves the window's end, not the deadline
+    clock.now = 8.0
+    assert pace.wait_s() == 0.5 and pace.deadline == 103.0
     pace.got(199)
-    clock.now = 5.5
+    clock.now = 8.5
     with pytest.raises(UploadTooSlow) as e:
         pace.check()
-    assert e.value.reason == "rate" and e.value.received == 399
+    assert e.value.reason == "rate" and e.value.received == 399 and e.value.elapsed_s == 5.5
+    short = _Pace(settings.model_copy(update=kw))  # a first window one byte short
+    short.got(199)
+    clock.now = 10.5
+    with pytest.raises(UploadTooSlow):
+        short.check()
+
+
+def test_a_declared_length_may_reach_the_whole_body_limit_but_not_pass_it(small, tmp_path):
+    """The whole body: every file's limit, twice the text limit and 64 KiB of framing."""
+    total = (sum(small.limit_for(f) for f in ("model", "history", "data"))
+             + 2 * small.max_config_bytes + 64 * KiB)
+    body = _body(b"onnx")
+    form = _receive(Request([(body, False)], declared=total), small, tmp_path / "a")
+    assert form.files["model"].size == 4
+    with pytest.raises(uploads.UploadTooLarge) as e:
+        _receive(Request([(body, False)], declared=total + 1), small, tmp_path / "b")
+    assert e.value.field == "request body" and e.value.limit == total
 
 
 def test_a_text_field_sent_twice_is_refused(client, settings, subject_bytes):
@@ -180,3 +199,15 @@ def test_a_text_field_sent_twice_is_refused(client, settings, subject_bytes):
     ("dir.v2/model", ""), ("a.tar\\data", ""), ("noext", ""), ("x/y.z/w.npz", ".npz")])
 def test_the_suffix_is_the_last_one_of_the_last_path_component(filename, suffix):
     assert _suffix(filename) == suffix
+
+
+
+def test_an_endless_part_header_is_refused_as_a_bad_form(small, tmp_path):
+    """python-multipart refuses a header over 4,224 bytes itself; MAX_PART_HEADER_BYTES (16 KiB)
+    is the service's own bound should a parser ever allow more. Either way: a 4xx, not memory."""
+    pad = "x" * (4 * uploads.MAX_PART_HEADER_BYTES)
+    body = (f'--{B}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"; '
+            f'p="{pad}"\r\n\r\nonnx\r\n--{B}--\r\n').encode()
+    with pytest.raises(uploads.InputError) as e:
+        _receive(Request([(body, False)]), small, tmp_path / "st")
+    assert e.value.code == "invalid_multipart"
