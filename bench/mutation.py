@@ -83,6 +83,8 @@ MODULES: dict[str, list[str]] = {
                                   "reconciler_resends_only_the_method_whose_worker_died",
                                   "a_live_method_beside_a_dead_one_does_not_hold_back_the_resend",
                                   "a_young_queued_method_does_not_end_the_look_at_the_ones_after_it",
+                                  "a_cancel_that_no_worker_will_see_is_ended_at_the_first_waiting_"
+                                  "method",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",

@@ -160,6 +160,19 @@ def test_a_young_queued_method_does_not_end_the_look_at_the_ones_after_it(ctx, p
     assert dispatcher.sent == [(jid, "compare:at_fgsm")]
 
 
+def test_a_cancel_that_no_worker_will_see_is_ended_at_the_first_waiting_method(
+        ctx, pipeline, submit, dispatcher, empty_broker):
+    """Cancelling while every method still waits in the queue: the reconciler ends the job and
+    names the first of them as where it stopped."""
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    with ctx.factory.begin() as s:
+        s.get(Job, uuid.UUID(jid)).status = "cancelling"
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"cancelled": 1}
+    assert client_job(ctx, jid).status == "cancelled"
+    assert [e.stage for e in _events(ctx, jid, "cancelled")] == ["compare:dare"]
+
+
 def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others(
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)

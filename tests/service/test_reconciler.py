@@ -515,3 +515,53 @@ def test_a_broker_that_cannot_be_looked_into_leaves_the_age_rule(ctx):
     from service.jobs.reconciler import queued_messages
 
     assert queued_messages(ctx.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})) is None
+
+
+def test_the_backoff_stops_doubling_at_32_times_the_wait(ctx, submit, dispatcher, empty_broker,
+                                                         monkeypatch):
+    """Eight re-sends already and still stuck: the next waits 32 x requeue_after_s (30 s here),
+    not 64 x and not 16 x."""
+    from service.jobs import reconciler
+
+    jid = submit()
+    _age(ctx, jid, 5000)
+    with ctx.factory.begin() as s:
+        for _ in range(8):
+            jobs.add_event(s, uuid.UUID(jid), "requeued", "validate", {"reason": "not_picked_up"})
+    last = max(e.at for e in _events(ctx, jid, "requeued"))
+    cap = timedelta(seconds=32 * ctx.settings.requeue_after_s)
+    monkeypatch.setattr(reconciler, "utcnow", lambda: last + cap - timedelta(seconds=1))
+    assert _reconcile(ctx, dispatcher) == {"throttled": 1}
+    monkeypatch.setattr(reconciler, "utcnow", lambda: last + cap)
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+
+
+def test_a_job_a_worker_holds_locked_is_skipped_not_waited_for(ctx, submit, dispatcher,
+                                                               empty_broker):
+    """A worker's claim holds the job's row lock for a moment: the pass skips that job (the
+    next pass sees it) instead of queueing behind the lock."""
+    jid = submit()
+    _age(ctx, jid, 31)
+    with ctx.factory.begin() as s:
+        s.execute(text("SELECT 1 FROM jobs WHERE id = :j FOR UPDATE"), {"j": uuid.UUID(jid)})
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=_reconcile(ctx, dispatcher)))
+        t.start()
+        t.join(timeout=20)
+        finished = not t.is_alive()
+    t.join()
+    assert finished and out["r"] == {}
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}  # lock gone: handled
+
+
+def test_a_claimed_stage_without_a_heartbeat_yet_is_aged_from_its_start(ctx, submit, pipeline,
+                                                                        dispatcher, empty_broker):
+    """Claimed 5 s ago by a worker that has not beaten yet, in a job queued long before: its
+    lease is young (20 s), so nothing is re-sent."""
+    jid = submit()
+    pipeline._claim(uuid.UUID(jid), "validate", "w")
+    _age(ctx, jid, 100)
+    with ctx.factory.begin() as s:
+        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid))).one()
+        run.heartbeat_at, run.started_at = None, utcnow() - timedelta(seconds=5)
+    assert _reconcile(ctx, dispatcher) == {}
