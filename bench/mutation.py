@@ -87,7 +87,7 @@ MODULES: dict[str, list[str]] = {
                                   "method",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
-    "service/jobs/pipeline.py": ["tests/service/test_behaviours.py", "tests/service/test_pipeline.py",
+    "service/jobs/pipeline.py": ["tests/service/test_pipeline.py", "tests/service/test_behaviours.py",
                             "tests/service/test_reconciler.py"],
 }
 
