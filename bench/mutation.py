@@ -285,6 +285,13 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/jsma.py", "ReplaceBinaryOperator_Sub_Add",
      "chunk = max(1, _PAIR_ELEMS // (nf * (nf - 1) // 2))",
      "only memory: the chunk of rows sized for nf(nf+1)/2 pairs instead of nf(nf-1)/2"),
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "a.index_select(1, j)).clamp_(min= -1)",
+     "a pair's score with its a-sum clamped at -1 instead of 0 is negative exactly where the "
+     "original is 0 (the c-sum is clamped at 0): every positive score is unchanged"),
+    ("worker/engine/attacks/jsma.py", "ReplaceBreakWithContinue", "break",
+     "the attack loop's early exit (no image left): the remaining rounds run on empty batches "
+     "and change nothing (only time); the pair search's `break` made `continue` loops forever "
+     "and is killed by the timeout"),
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "(y.shape[ -1],)",
      "y is 1-D (checked by the base class): its last dimension is its first"),
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "c.index_select(1, j)).clamp_(min= -1))",

@@ -68,12 +68,15 @@ def test_a_fractional_theta_moves_one_image_the_right_way(theta, start, label, p
     assert int(SumModel()(out).argmax(1)) == 1 - label
 
 
-def test_theta_must_lie_in_minus_one_to_one():
+def test_theta_must_lie_in_minus_one_to_one_and_the_seed_be_a_natural_number():
     for ok in (1.0, -1.0, 0.25):
         assert JSMA(SumModel(), theta=ok).theta == ok
     for bad in (1.5, -1.5):
         with pytest.raises(AttackParamError, match="theta"):
             JSMA(SumModel(), theta=bad)
+    assert JSMA(SumModel(), seed=0).seed == 0
+    with pytest.raises(AttackParamError, match="seed"):
+        JSMA(SumModel(), seed=-1)
 
 
 def _score(a, c, p, q):
@@ -96,14 +99,14 @@ def test_the_best_pair_can_lie_outside_both_candidate_lists(swap):
     eight and pairs with a c-leader for 18.9 * 19.9 = 376.1. Only a pruning bound that really
     bounds every pair with an outsider sends the search on to find it (and so with a and c
     swapped)."""
-    a = torch.full((1, 20), -100.0, dtype=torch.float64)
+    a = torch.empty(1, 17, dtype=torch.float64)  # 17 > 2 x 8: the candidate round runs
     c = a.clone()
     a[0, :8], c[0, :8] = 10.0, -5.0
     a[0, 8:16], c[0, 8:16] = 9.0, 10.0
     a[0, 16], c[0, 16] = 9.9, 9.9
     if swap:
         a, c = c, a
-    p, q, found = best_pairs(a, c, torch.ones(1, 20, dtype=torch.bool))
+    p, q, found = best_pairs(a, c, torch.ones(1, 17, dtype=torch.bool))
     assert found.tolist() == [True] and 16 in (int(p), int(q))
     assert float(_score(a, c, p, q)) == pytest.approx(18.9 * 19.9)
 
