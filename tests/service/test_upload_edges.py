@@ -211,3 +211,35 @@ def test_an_endless_part_header_is_refused_as_a_bad_form(small, tmp_path):
     with pytest.raises(uploads.InputError) as e:
         _receive(Request([(body, False)]), small, tmp_path / "st")
     assert e.value.code == "invalid_multipart"
+
+
+@pytest.mark.parametrize("cut", ["file", "text"])
+def test_a_body_that_ends_inside_a_part_is_incomplete(small, tmp_path, cut):
+    if cut == "file":
+        body = f'--{B}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\nonnx'
+    else:
+        body = f'--{B}\r\nContent-Disposition: form-data; name="dataset"\r\n\r\ndigi'
+    with pytest.raises(uploads.InputError) as e:
+        _receive(Request([(body.encode(), False)]), small, tmp_path / "st")
+    assert e.value.code == "incomplete_upload"
+
+
+@pytest.mark.parametrize("location, code", [
+    ("/etc/passwd", "unsafe_model"), ("\\\\host\\share", "unsafe_model"),
+    ("dir\\w.bin", "unsafe_model"), ("C:w.bin", "unsafe_model"), ("../w.bin", "unsafe_model"),
+    ("a/../../w.bin", "unsafe_model"), ("w.bin", "unsupported_model"),
+    ("dir/w..bin", "unsupported_model")])
+def test_onnx_external_data_is_never_opened_and_escaping_paths_are_named_an_attack(location,
+                                                                                    code):
+    import onnx
+    from onnx import TensorProto, helper
+
+    t = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    t.ClearField("float_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[t]))
+    assert onnx.external_data_helper.uses_external_data(t)
+    with pytest.raises(uploads.InputError) as e:
+        uploads._check_onnx_external_data(model, "m.onnx")
+    assert e.value.code == code and repr(location) in str(e.value)
