@@ -87,7 +87,8 @@ MODULES: dict[str, list[str]] = {
                                   "method",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
-    "service/jobs/pipeline.py": ["tests/service/test_pipeline.py", "tests/service/test_behaviours.py",
+    "service/jobs/pipeline.py": ["tests/service/test_pipeline_edges.py", "tests/service/test_pipeline.py",
+                            "tests/service/test_behaviours.py",
                             "tests/service/test_reconciler.py"],
 }
 
@@ -363,6 +364,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/api/uploads.py", "NumberReplacer", "DRAIN_BYTES = ",
      "harmless rather than equivalent: how much of a refused body is read away so the client "
      "sees the answer is a tuning constant (the cap itself is tested against the constant)"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
+     "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
+     "the poll interval, so 1.0 or -1.0 also makes the first call poll"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

@@ -1,0 +1,88 @@
+"""The stage runner at its edges, in-process against PostgreSQL: progress between two stages,
+the result's count of sanity checks, which artifacts a re-run publishes again, and the lease's
+heartbeat thread (it keeps renewing while the stage is ours and stops once it is not)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import types
+import uuid
+
+from service.jobs import records as jobs
+from service.jobs.pipeline import _Claim, _Heartbeat, overall_progress
+from service.states import StageStatus
+from service.store.models import Job, StageRun
+
+from .test_pipeline import pipeline  # noqa: F401 (fixture)
+
+
+def _row(client, jid: str) -> Job:
+    with client.app.state.ctx.factory() as s:
+        return s.get(Job, uuid.UUID(jid))
+
+
+def test_a_finished_stage_reads_one_and_the_next_claim_starts_it_at_zero(client, submit,
+                                                                         pipeline):
+    jid = submit()
+    assert pipeline.run(jid, "validate", task_id="t1") == "slice"
+    job = _row(client, jid)
+    assert job.stage_progress == 1.0
+    assert job.progress == overall_progress(job.stages, 0, 1.0)
+    pipeline._claim(uuid.UUID(jid), "slice", "t2")
+    job = _row(client, jid)
+    assert (job.stage_name, job.stage_progress) == ("slice", 0.0)
+    assert job.progress == overall_progress(job.stages, 1, 0.0)
+
+
+def test_the_result_counts_the_passed_sanity_checks_and_names_the_failed(client, submit,
+                                                                          pipeline, tmp_path):
+    jid = submit()
+    (tmp_path / "artifacts").mkdir()
+    checks = [{"name": "a", "passed": True}, {"name": "b", "passed": False},
+              {"name": "c", "passed": True}]
+    (tmp_path / "artifacts" / "report.json").write_text(json.dumps({"sanity_checks": checks}))
+    with client.app.state.ctx.factory() as s:
+        result = pipeline.build_result(s, s.get(Job, uuid.UUID(jid)), tmp_path)
+    assert result["sanity_checks"] == {"passed": 2, "failed": ["b"]}
+
+
+def test_an_unchanged_artifact_does_not_end_the_look_at_the_others(pipeline, tmp_path,
+                                                                  monkeypatch):
+    """A re-run stage publishes what changed; an artifact already stored with the same bytes
+    is skipped, and the files after it (in name order) are still looked at."""
+    art = tmp_path / "artifacts"
+    art.mkdir()
+    (art / "a.bin").write_bytes(b"same")
+    (art / "b.bin").write_bytes(b"new")
+    stored = [types.SimpleNamespace(name="a.bin", sha256=hashlib.sha256(b"same").hexdigest())]
+    monkeypatch.setattr(jobs, "list_artifacts", lambda s, job_id: stored)
+    claim = _Claim(job_id=uuid.uuid4(), stage="export", index=4, stages=[], config={}, inputs=[])
+    assert claim.name == "export"  # a stage's run is named after it
+    assert [a["name"] for a in pipeline._collect_artifacts(claim, tmp_path)] == ["b.bin"]
+
+
+def test_the_heartbeat_renews_while_the_stage_is_ours_and_stops_when_it_is_not(
+        client, submit, pipeline):
+    pipeline.settings.heartbeat_interval_s = 0.05
+    jid = submit()
+    claim = pipeline._claim(uuid.UUID(jid), "validate", "t1")
+    factory = client.app.state.ctx.factory
+
+    def beat():
+        with factory() as s:
+            return s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one().heartbeat_at
+
+    first = beat()
+    hb = _Heartbeat(pipeline, claim).__enter__()
+    try:
+        time.sleep(0.6)
+        assert hb._thread.is_alive()  # still renewing after many intervals
+        assert beat() > first
+        with factory.begin() as s:  # the stage ends (or another message takes it over)
+            s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).update(
+                {StageRun.status: StageStatus.succeeded})
+        hb._thread.join(timeout=5)
+        assert not hb._thread.is_alive()  # nothing left to renew: it stopped on its own
+    finally:
+        hb.__exit__(None, None, None)
