@@ -88,6 +88,11 @@ MODULES: dict[str, list[str]] = {
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_pipeline_edges.py", "tests/service/test_pipeline.py",
+                            *[f"tests/service/test_fanout.py::test_{t}" for t in (
+                                "compare_sends_each_method_and_the_last_one_sends_the_choice",
+                                "cancel_during_the_fan_out_runs_no_further_method",
+                                "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
+                                "the_others")],
                             "tests/service/test_behaviours.py",
                             "tests/service/test_reconciler.py"],
 }
@@ -364,6 +369,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/api/uploads.py", "NumberReplacer", "DRAIN_BYTES = ",
      "harmless rather than equivalent: how much of a refused body is read away so the client "
      "sees the answer is a tuning constant (the cap itself is tested against the constant)"),
+    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "log.warning(\"could not delete %s\", uri",
+     "harmless: whether the warning about an object that could not be deleted carries the "
+     "traceback"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),

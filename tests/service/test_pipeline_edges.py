@@ -86,3 +86,14 @@ def test_the_heartbeat_renews_while_the_stage_is_ours_and_stops_when_it_is_not(
         assert not hb._thread.is_alive()  # nothing left to renew: it stopped on its own
     finally:
         hb.__exit__(None, None, None)
+
+
+def test_a_finished_stage_delivered_again_resends_only_a_next_stage_never_claimed(
+        client, submit, pipeline):
+    jid = submit()
+    assert pipeline.run(jid, "validate", task_id="t1") == "slice"
+    assert pipeline.step(jid, "validate", task_id="t1-again") == ["slice"]  # never claimed: sent
+    with client.app.state.ctx.factory.begin() as s:  # claimed once, queued again since
+        s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid), StageRun.name == "slice") \
+            .update({StageRun.attempts: 1})
+    assert pipeline.step(jid, "validate", task_id="t1-third") == []
