@@ -85,6 +85,8 @@ MODULES: dict[str, list[str]] = {
                                   "a_young_queued_method_does_not_end_the_look_at_the_ones_after_it",
                                   "a_cancel_that_no_worker_will_see_is_ended_at_the_first_waiting_"
                                   "method",
+                                  "methods_wait_from_the_plans_end_not_from_the_jobs_last_update",
+                                  "a_cancel_with_a_dead_method_worker_is_ended_by_the_reconciler",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_pipeline_edges.py", "tests/service/test_pipeline.py",
@@ -375,6 +377,39 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),
+    ("service/api/auth.py", "NumberReplacer", "_revocations += ",
+     "the revocation counter's step: only whether it changed between a lookup and its use "
+     "matters"),
+    ("service/api/auth.py", "NumberReplacer", "key = matches[ -1]",
+     "reached only with exactly one match (none and several raise first): its last is its first"),
+    ("service/api/auth.py", "ReplaceTrueWithFalse", "_note_revocation, once=True)",
+     "harmless: the listener then also fires on the same session's later commits, emptying the "
+     "key caches once more (a cache miss, never a stale key)"),
+    ("service/jobs/reconciler.py", "ReplaceTrueWithFalse", "populate_existing=True",
+     "each job is decided in a fresh session (Pipeline.transaction), whose identity map holds "
+     "no earlier copy of the row to refresh"),
+    ("service/jobs/reconciler.py", "ReplaceComparisonOperator_GtE_Gt", "JobEvent.at >= run.since",
+     "differs only for a re-send recorded at the very microsecond the run started waiting: one "
+     "doubling of the backoff more or less"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "STAGE_WEIGHTS = ",
+     "harmless rather than equivalent: how much of the overall progress bar each stage takes "
+     "(the bar is tested to be monotone and to end at 1 with any weights)"),
+    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "target=self._loop, daemon=",
+     "the heartbeat thread is always stopped and joined by __exit__, so whether it is a daemon "
+     "never matters"),
+    ("service/api/uploads.py", "ReplaceComparisonOperator_Gt_GtE",
+     "len(self._hname) + len(self._hvalue) > MAX_PART_HEADER_BYTES",
+     "python-multipart refuses a part header over 4,224 bytes first: this 16 KiB bound is never "
+     "reached, at 16 KiB exactly or otherwise"),
+    ("service/api/uploads.py", "ReplaceBinaryOperator_Add_Sub",
+     "len(self._hname) + len(self._hvalue) > MAX_PART_HEADER_BYTES",
+     "python-multipart refuses a part header over 4,224 bytes first: this 16 KiB bound is never "
+     "reached, whichever way the two lengths are combined"),
+    ("service/api/uploads.py", "ReplaceUnaryOperator_USub_UAdd", "name.rsplit(\".\", 1)[-1]",
+     "with a dot in the name rsplit(., 1) gives exactly two pieces: [1] is [-1]"),
+    ("service/api/uploads.py", "ReplaceTrueWithFalse", "(staging / \"inputs\").mkdir(",
+     "the staging folder is new for every request (upload_tmp_dir / a fresh job id), so its "
+     "inputs folder never exists already"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

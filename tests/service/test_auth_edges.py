@@ -146,3 +146,12 @@ def test_the_key_list_names_each_keys_own_tenant(factory):
     with factory() as s:
         listed = [(k.prefix, name) for k, name in auth.list_keys(s)]
     assert listed == [(a1[5:17], "a"), (a2[5:17], "a"), (b1[5:17], "b")]
+
+
+def test_a_principal_cannot_be_changed_once_made():
+    """The cache hands the same Principal to every request of a key: none may alter it."""
+    import dataclasses
+
+    p = Principal(tenant_id=uuid.uuid4(), tenant="t")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.tenant = "other"

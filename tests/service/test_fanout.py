@@ -173,6 +173,34 @@ def test_a_cancel_that_no_worker_will_see_is_ended_at_the_first_waiting_method(
     assert [e.stage for e in _events(ctx, jid, "cancelled")] == ["compare:dare"]
 
 
+def test_methods_wait_from_the_plans_end_not_from_the_jobs_last_update(ctx, pipeline, submit,
+                                                                       dispatcher, empty_broker):
+    """The plan ended 31 s ago and no method was picked up; a later write to the job (a
+    progress update, say) does not make their messages young again."""
+    from .test_reconciler import _age
+
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    _age(ctx, jid, 31)
+    with ctx.factory.begin() as s:
+        s.get(Job, uuid.UUID(jid)).updated_at = client_job(ctx, jid).updated_at + timedelta(seconds=31)
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"not_picked_up": 3}
+
+
+def test_a_cancel_with_a_dead_method_worker_is_ended_by_the_reconciler(ctx, pipeline, submit,
+                                                                        dispatcher, empty_broker):
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    with ctx.factory.begin() as s:
+        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
+                                               StageRun.name == "compare:dare")).one()
+        run.status, run.attempts, run.task_id = StageStatus.running, 1, "dead"
+        run.started_at = run.heartbeat_at = client_job(ctx, jid).updated_at - timedelta(seconds=25)
+        s.get(Job, uuid.UUID(jid)).status = "cancelling"
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"cancelled": 1}
+    assert client_job(ctx, jid).status == "cancelled"
+
+
 def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others(
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)

@@ -97,3 +97,27 @@ def test_a_finished_stage_delivered_again_resends_only_a_next_stage_never_claime
         s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid), StageRun.name == "slice") \
             .update({StageRun.attempts: 1})
     assert pipeline.step(jid, "validate", task_id="t1-third") == []
+
+
+def test_a_succeeded_job_reads_one(client, submit, pipeline):
+    jid = submit()
+    stage = "validate"
+    while stage:
+        stage = pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    job = _row(client, jid)
+    assert (job.status, job.progress, job.stage_progress) == ("succeeded", 1.0, 1.0)
+
+
+def test_a_progress_event_marks_each_tenth_of_a_stage(client, submit, pipeline):
+    from service.jobs.pipeline import _ProgressWriter
+    from service.store.models import JobEvent
+
+    jid = submit()
+    writer = _ProgressWriter(pipeline, pipeline._claim(uuid.UUID(jid), "validate", "t1"))
+    for f in (0.05, 0.1, 0.15, 0.25, 0.3):
+        writer.value = f
+        writer.flush()
+    with client.app.state.ctx.factory() as s:
+        events = s.query(JobEvent).filter(JobEvent.job_id == uuid.UUID(jid),
+                                          JobEvent.kind == "progress").order_by(JobEvent.id).all()
+    assert [e.data["progress"] for e in events] == [0.1, 0.25]  # 0.1 exactly is a step

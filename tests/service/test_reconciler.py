@@ -565,3 +565,25 @@ def test_a_claimed_stage_without_a_heartbeat_yet_is_aged_from_its_start(ctx, sub
         run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid))).one()
         run.heartbeat_at, run.started_at = None, utcnow() - timedelta(seconds=5)
     assert _reconcile(ctx, dispatcher) == {}
+
+
+def test_an_unclaimed_first_stage_waits_exactly_requeue_after_s(ctx, submit, dispatcher,
+                                                                empty_broker, monkeypatch):
+    from service.jobs import reconciler
+
+    jid = submit()
+    with ctx.factory() as s:
+        created = jobs.get_job(s, uuid.UUID(jid)).created_at
+    patience = timedelta(seconds=ctx.settings.requeue_after_s)
+    monkeypatch.setattr(reconciler, "utcnow", lambda: created + patience - timedelta(microseconds=1))
+    assert _reconcile(ctx, dispatcher) == {}
+    monkeypatch.setattr(reconciler, "utcnow", lambda: created + patience)
+    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+
+
+def test_the_second_stage_waits_from_the_first_ones_end_not_from_the_submission(
+        ctx, submit, pipeline, dispatcher, empty_broker):
+    jid = submit()
+    _age(ctx, jid, 100)  # submitted long ago ...
+    assert pipeline.run(jid, "validate", task_id="t1") == "slice"  # ... validate ended just now
+    assert _reconcile(ctx, dispatcher) == {}  # slice's message is young

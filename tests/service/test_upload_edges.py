@@ -243,3 +243,71 @@ def test_onnx_external_data_is_never_opened_and_escaping_paths_are_named_an_atta
     with pytest.raises(uploads.InputError) as e:
         uploads._check_onnx_external_data(model, "m.onnx")
     assert e.value.code == code and repr(location) in str(e.value)
+
+
+def _part(name: str, data: bytes, filename: str | None = None) -> bytes:
+    fn = f'; filename="{filename}"' if filename else ""
+    return (f'--{B}\r\nContent-Disposition: form-data; name="{name}"{fn}\r\n\r\n'.encode() + data
+            + f"\r\n--{B}--\r\n".encode())
+
+
+@pytest.mark.parametrize("field, size, ok", [("model", 100, True), ("model", 101, False),
+                                             ("config", 100, True), ("config", 101, False)])
+def test_a_file_or_text_field_may_fill_its_limit_but_not_pass_it(small, tmp_path, field, size,
+                                                                  ok):
+    s = small.model_copy(update={"max_model_bytes": 100, "max_config_bytes": 100})
+    body = _part(field, b"{" * size, "m.onnx" if field == "model" else None)
+    req = Request([(body, False)])
+    if ok:
+        form = _receive(req, s, tmp_path / "st")
+        assert (form.files[field].size if field == "model" else len(form.fields[field])) == size
+    else:
+        with pytest.raises(uploads.UploadTooLarge) as e:
+            _receive(req, s, tmp_path / "st")
+        assert e.value.field == field and e.value.limit == 100
+
+
+def test_a_text_field_that_is_not_utf8_is_refused(small, tmp_path):
+    with pytest.raises(uploads.InputError) as e:
+        _receive(Request([(_part("config", b"\xff\xfe{}"), False)]), small, tmp_path / "st")
+    assert e.value.code == "invalid_field"
+
+
+def test_a_body_refused_mid_way_is_drained_too(small, tmp_path):
+    """The staging budget runs out while the file arrives: the rest is read away, then the
+    refusal is answered."""
+    pieces = _pieces(_body(bytes(32 * KiB)), 4 * KiB)
+    req = Request(_messages(pieces))
+
+    class RunsOut(Budget):
+        def charge(self, n: int) -> None:
+            if req.received >= 3:
+                raise StagingFull(100, 100, n)
+
+    with pytest.raises(StagingFull):
+        _receive(req, small, tmp_path / "st", RunsOut(req))
+    assert req.received == len(pieces)
+    assert uploads.DRAIN_BYTES >= 1024 * KiB  # enough to read away a typical refused upload
+
+
+def test_a_window_that_passes_its_check_while_the_client_is_quiet_keeps_waiting(
+        small, tmp_path, monkeypatch):
+    """The next piece is late past a window's end; that window brought enough, so the check
+    passes, a new window starts, and the wait goes on until the piece arrives."""
+    clock = Clock()
+    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    s = small.model_copy(update={"upload_min_rate_bytes_s": 1, "upload_rate_window_s": 0.2})
+    body = _body(b"onnx")
+    first, last = body[:-10], body[-10:]
+
+    class Quiet(Request):
+        async def receive(self) -> dict:
+            self.received += 1
+            if self.received == 2:  # the client is quiet past the window's end (0.2)
+                clock.now = 0.2
+                await anyio.sleep(30)  # cut by the pace's timer
+            return {"type": "http.request", "body": first if self.received == 1 else last,
+                    "more_body": self.received == 1}
+
+    form = _receive(Quiet([]), s, tmp_path / "st")
+    assert form.files["model"].size == 4
