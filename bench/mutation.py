@@ -87,6 +87,8 @@ MODULES: dict[str, list[str]] = {
                                   "method",
                                   "methods_wait_from_the_plans_end_not_from_the_jobs_last_update",
                                   "a_cancel_with_a_dead_method_worker_is_ended_by_the_reconciler",
+                                  "a_method_still_waiting_in_the_queue_does_not_end_the_look_at_the_"
+                                  "others",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_pipeline_edges.py", "tests/service/test_pipeline.py",
@@ -313,7 +315,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/jsma.py", "ReplaceBinaryOperator_FloorDiv_Mul",
      "chunk = max(1, _PAIR_ELEMS // (nf * (nf - 1) // 2))",
      "only memory: the exhaustive search's chunk of rows made larger or smaller (never 0)"),
-    ("worker/engine/attacks/jsma.py", "NumberReplacer", "max(2, _PAIR_ELEMS",
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "max( 2, _PAIR_ELEMS",
      "only memory: two rows per chunk of the exhaustive search instead of one at the least"),
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "(nf - 0) // 2))",
      "only memory: the chunk of rows sized for nf^2/2 pairs instead of nf(nf-1)/2"),
@@ -334,7 +336,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "seed: int = 0, *, batch_size: int = 250)",
      "harmless defaults: make_attack passes default_params' seed, and the result does not depend "
      "on the batch size (test_jsma_result_does_not_depend_on_batch_size)"),
-    ("worker/engine/evaluation.py", "NumberReplacer", "max(finite, default=1.0) or 1.0",
+    ("worker/engine/evaluation.py", "NumberReplacer", "max(finite, default= 1.0) or 1.0",
      "with nothing finite the top is 1.0 either way (the default 1.0, or 0.0 made 1.0 by `or`)"),
     ("worker/engine/archive_safety.py", "NumberReplacer", "_READ_CHUNK = ",
      "harmless: the read size (512 KiB to 2 MiB instead of 1 MiB); the caps are checked on the "
@@ -410,6 +412,21 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/api/uploads.py", "ReplaceTrueWithFalse", "(staging / \"inputs\").mkdir(",
      "the staging folder is new for every request (upload_tmp_dir / a fresh job id), so its "
      "inputs folder never exists already"),
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "if s > -1 else xf > _MIN_MOVE",
+     "s is 1.0 or -1.0: `s > -1` splits them as `s > 0` does"),
+    ("worker/engine/attacks/jsma.py", "NumberReplacer", "if active.numel() == -1:",
+     "never true: like the loop's break made continue, the remaining rounds run on empty "
+     "batches and change nothing (only time)"),
+    ("service/jobs/pipeline.py", "ReplaceUnaryOperator_USub_UAdd", "i.uri.rsplit(\"/\", 1)[+1]",
+     "every stored input's URI has a '/', so rsplit('/', 1) gives exactly two pieces: [1] is [-1]"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "min(1.0, max( -1.0, float(fraction))))",
+     "the progress value starts at 0.0 and only rises (max with the value before): a negative "
+     "fraction clamped at -1 instead of 0 leaves it where it was either way"),
+    ("service/jobs/reconciler.py", "AddNot", "if any(k != \"throttled\" for k in result):",
+     "harmless: whether a pass that did something is logged at info level"),
+    ("service/jobs/reconciler.py", "ReplaceComparisonOperator_NotEq_Eq",
+     "if any(k != \"throttled\" for k in result):",
+     "harmless: whether a pass that did something is logged at info level"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

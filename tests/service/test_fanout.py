@@ -201,6 +201,24 @@ def test_a_cancel_with_a_dead_method_worker_is_ended_by_the_reconciler(ctx, pipe
     assert client_job(ctx, jid).status == "cancelled"
 
 
+def test_a_method_still_waiting_in_the_queue_does_not_end_the_look_at_the_others(
+        ctx, pipeline, submit, dispatcher, empty_broker):
+    """All three methods are old; dare's message still waits in Redis (a long queue), the other
+    two are lost: those two are re-sent."""
+    from service.jobs.dispatch import CeleryDispatcher
+
+    from .test_reconciler import _age
+
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    _age(ctx, jid, 31)
+    ctx.settings.broker_url = REDIS_URL
+    CeleryDispatcher(ctx.settings).enqueue(jid, "compare:dare")
+    dispatcher.sent.clear()
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"not_picked_up": 2}
+    assert sorted(dispatcher.sent) == [(jid, "compare:at_fgsm"), (jid, "compare:at_pgd_online")]
+
+
 def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others(
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)

@@ -587,3 +587,17 @@ def test_the_second_stage_waits_from_the_first_ones_end_not_from_the_submission(
     _age(ctx, jid, 100)  # submitted long ago ...
     assert pipeline.run(jid, "validate", task_id="t1") == "slice"  # ... validate ended just now
     assert _reconcile(ctx, dispatcher) == {}  # slice's message is young
+
+
+def test_a_lease_is_lost_exactly_stage_stale_after_s_after_the_last_heartbeat(
+        ctx, submit, pipeline, dispatcher, empty_broker, monkeypatch):
+    from service.jobs import reconciler
+
+    jid = submit()
+    pipeline._claim(uuid.UUID(jid), "validate", "dead")
+    beat = _run(ctx, jid, "validate").heartbeat_at
+    stale = timedelta(seconds=ctx.settings.stage_stale_after_s)
+    monkeypatch.setattr(reconciler, "utcnow", lambda: beat + stale - timedelta(microseconds=1))
+    assert _reconcile(ctx, dispatcher) == {}
+    monkeypatch.setattr(reconciler, "utcnow", lambda: beat + stale)
+    assert _reconcile(ctx, dispatcher) == {"lease_expired": 1}
