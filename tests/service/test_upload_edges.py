@@ -140,14 +140,17 @@ def _pace(monkeypatch, settings, **kw):
 
 
 def test_the_deadline_is_met_until_its_last_instant(settings, monkeypatch):
-    clock, pace = _pace(monkeypatch, settings, upload_deadline_s=10.0, upload_min_rate_bytes_s=0)
+    kw = {"upload_deadline_s": 10.0, "upload_min_rate_bytes_s": 0}
+    clock, _ = _pace(monkeypatch, settings, **kw)
+    clock.now = 2.0  # the body starts at 2.0 on this clock
+    pace = _Pace(settings.model_copy(update=kw))
     assert pace.wait_s() == 10.0  # no rate: only the deadline bounds a wait
-    clock.now = 9.999
+    clock.now = 11.999
     pace.check()
-    clock.now = 10.0
+    clock.now = 12.0
     with pytest.raises(UploadTooSlow) as e:
         pace.check()
-    assert e.value.reason == "deadline"
+    assert e.value.reason == "deadline" and e.value.elapsed_s == 10.0
 
 
 def test_each_rate_window_must_bring_its_bytes_and_then_a_new_one_begins(settings, monkeypatch):
