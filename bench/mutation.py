@@ -89,6 +89,7 @@ MODULES: dict[str, list[str]] = {
                                   "a_cancel_with_a_dead_method_worker_is_ended_by_the_reconciler",
                                   "a_method_still_waiting_in_the_queue_does_not_end_the_look_at_the_"
                                   "others",
+                                  "a_throttled_method_does_not_end_the_look_at_the_others",
                                   "a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_"
                                   "the_others")]],
     "service/jobs/pipeline.py": ["tests/service/test_pipeline_edges.py", "tests/service/test_pipeline.py",
@@ -427,6 +428,16 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/jobs/reconciler.py", "ReplaceComparisonOperator_NotEq_Eq",
      "if any(k != \"throttled\" for k in result):",
      "harmless: whether a pass that did something is logged at info level"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "return nxt[ -1] if nxt else None",
+     "run() reaches this line with at most one message (more raise just before): its last is "
+     "its first"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "METHODS_SHARE * min( 2.0,",
+     "each planned method's progress is at most 1 and there are `planned` of them, so the mean "
+     "never exceeds 1 for the cap to act on"),
+    ("service/jobs/pipeline.py", "ReplaceBinaryOperator_Add_Sub",
+     "nrun = self._stage_run(s, job, nxt, index + 1)",
+     "the index is used only to create a missing row, and the next stage's row was created in "
+     "the same transaction that finished this one, so it is always found by name"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

@@ -219,6 +219,27 @@ def test_a_method_still_waiting_in_the_queue_does_not_end_the_look_at_the_others
     assert sorted(dispatcher.sent) == [(jid, "compare:at_fgsm"), (jid, "compare:at_pgd_online")]
 
 
+def test_a_throttled_method_does_not_end_the_look_at_the_others(ctx, pipeline, submit,
+                                                                dispatcher, empty_broker):
+    """dare was re-sent twice already (its next wait is 60 s), the others never (30 s); the
+    last re-send was 40 s ago: dare waits, the other two go out."""
+    from service.jobs import records as jobs
+
+    from .test_reconciler import _age
+
+    jid = _to_compare(pipeline, submit)
+    _step(pipeline, jid, "compare")
+    _age(ctx, jid, 100)
+    with ctx.factory.begin() as s:
+        for _ in range(2):
+            jobs.add_event(s, uuid.UUID(jid), "requeued", "compare:dare", {"reason": "not_picked_up"})
+    _age(ctx, jid, 40)
+    dispatcher.sent.clear()
+    assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == \
+        {"throttled": 1, "not_picked_up": 2}
+    assert sorted(dispatcher.sent) == [(jid, "compare:at_fgsm"), (jid, "compare:at_pgd_online")]
+
+
 def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others(
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)

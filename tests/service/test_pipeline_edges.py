@@ -121,3 +121,28 @@ def test_a_progress_event_marks_each_tenth_of_a_stage(client, submit, pipeline):
         events = s.query(JobEvent).filter(JobEvent.job_id == uuid.UUID(jid),
                                           JobEvent.kind == "progress").order_by(JobEvent.id).all()
     assert [e.data["progress"] for e in events] == [0.1, 0.25]  # 0.1 exactly is a step
+
+
+def test_the_next_to_last_stage_delivered_again_resends_the_last(client, submit, pipeline):
+    jid = submit()
+    stage = "validate"
+    while stage != "evaluate":
+        stage = pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    assert pipeline.step(jid, "export", task_id="again") == ["evaluate"]
+
+
+def test_a_running_stage_is_taken_over_exactly_when_its_lease_is_stale(client, submit, pipeline,
+                                                                       monkeypatch):
+    from datetime import timedelta
+
+    from service.jobs import pipeline as pl
+
+    jid = submit()
+    pipeline._claim(uuid.UUID(jid), "validate", "first")
+    with client.app.state.ctx.factory() as s:
+        beat = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one().heartbeat_at
+    stale = timedelta(seconds=pipeline.settings.stage_stale_after_s)
+    monkeypatch.setattr(pl, "utcnow", lambda: beat + stale - timedelta(microseconds=1))
+    assert isinstance(pipeline._claim(uuid.UUID(jid), "validate", "second"), pl._Skip)
+    monkeypatch.setattr(pl, "utcnow", lambda: beat + stale)
+    assert isinstance(pipeline._claim(uuid.UUID(jid), "validate", "second"), pl._Claim)

@@ -601,3 +601,23 @@ def test_a_lease_is_lost_exactly_stage_stale_after_s_after_the_last_heartbeat(
     assert _reconcile(ctx, dispatcher) == {}
     monkeypatch.setattr(reconciler, "utcnow", lambda: beat + stale)
     assert _reconcile(ctx, dispatcher) == {"lease_expired": 1}
+
+
+def test_a_stage_never_resent_waits_one_requeue_interval_after_the_jobs_last_resend(
+        ctx, submit, dispatcher, empty_broker):
+    """validate was never re-sent itself, but the job's last re-send (of another stage) was
+    20 s ago: the wait is one requeue_after_s (30 s), not half of it."""
+    jid = submit()
+    _age(ctx, jid, 100)
+    with ctx.factory.begin() as s:
+        jobs.add_event(s, uuid.UUID(jid), "requeued", "slice", {"reason": "not_picked_up"})
+    _age(ctx, jid, 20)
+    assert _reconcile(ctx, dispatcher) == {"throttled": 1}
+
+
+def test_every_queued_message_is_looked_at_however_long_the_queue(ctx, submit, empty_broker):
+    ids = [submit() for _ in range(4)]
+    ctx.settings.broker_url = REDIS_URL
+    for jid in ids:
+        CeleryDispatcher(ctx.settings).enqueue(jid, "validate")
+    assert queued_messages(ctx.settings) == {(jid, "validate") for jid in ids}
