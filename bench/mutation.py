@@ -2,6 +2,8 @@
 
     python -m bench.mutation                      # every module in MODULES (hours)
     python -m bench.mutation worker/engine/tuning.py service/api/quotas.py --budget-min 20
+    DARE_TEST_REDIS=redis://127.0.0.1:6379/7 python -m bench.mutation service/api/uploads.py &
+                                                  # modules in parallel: one Redis db each
 
 Why cosmic-ray (8.x): it mutates one module on disk and runs any shell command as the test, so
 each module is checked against exactly the test files that cover it (MODULES below), with the
