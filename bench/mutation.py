@@ -440,6 +440,18 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "nrun = self._stage_run(s, job, nxt, index + 1)",
      "the index is used only to create a missing row, and the next stage's row was created in "
      "the same transaction that finished this one, so it is always found by name"),
+    ("service/api/uploads.py", "NumberReplacer", "return max( -1.0, end - time.monotonic())",
+     "a wait below zero times out at once, as a wait of zero does"),
+    ("service/api/uploads.py", "ReplaceAndWithOr",
+     "if len(buf) >= settings.upload_chunk_bytes or over or (buf or not more):",
+     "only how the body is buffered: every non-empty piece is handed to the parser at once "
+     "instead of in upload_chunk_bytes; what is parsed, charged and refused is the same"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "overall_progress(job.stages, index, -1.0)",
+     "overall_progress clamps a stage's progress into [0, 1]: -1 is 0"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "run.duration_s = round(duration, ",
+     "harmless: the reported stage duration's rounding (3 or 5 decimals instead of 4)"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "{\"progress\": round(f, ",
+     "harmless: the progress event's rounding (3 or 5 decimals instead of 4)"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

@@ -26,6 +26,10 @@ def test_a_finished_stage_reads_one_and_the_next_claim_starts_it_at_zero(client,
                                                                          pipeline):
     jid = submit()
     assert pipeline.run(jid, "validate", task_id="t1") == "slice"
+    with client.app.state.ctx.factory() as s:
+        runs = {r.name: r for r in s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid))}
+    assert runs["validate"].summary == {"stage": "validate", "device": "cpu"}  # the engine's
+    assert (runs["slice"].status, runs["slice"].progress) == (StageStatus.queued, 0.0)
     job = _row(client, jid)
     assert job.stage_progress == 1.0
     assert job.progress == overall_progress(job.stages, 0, 1.0)

@@ -241,7 +241,8 @@ def test_onnx_external_data_is_never_opened_and_escaping_paths_are_named_an_atta
     t.ClearField("float_data")
     t.data_location = TensorProto.EXTERNAL
     t.external_data.add(key="location", value=location)
-    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[t]))
+    inside = helper.make_tensor("inside", TensorProto.FLOAT, [1], [1.0])  # looked past, first
+    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[inside, t]))
     assert onnx.external_data_helper.uses_external_data(t)
     with pytest.raises(uploads.InputError) as e:
         uploads._check_onnx_external_data(model, "m.onnx")
@@ -314,3 +315,48 @@ def test_a_window_that_passes_its_check_while_the_client_is_quiet_keeps_waiting(
 
     form = _receive(Quiet([]), s, tmp_path / "st")
     assert form.files["model"].size == 4
+
+
+def test_a_part_without_a_form_data_name_is_a_bad_form(small, tmp_path):
+    for disp in ('form-data; filename="m.onnx"', 'attachment; name="model"'):
+        body = f"--{B}\r\nContent-Disposition: {disp}\r\n\r\nonnx\r\n--{B}--\r\n".encode()
+        with pytest.raises(uploads.InputError) as e:
+            _receive(Request([(body, False)]), small, tmp_path / "st")
+        assert e.value.code == "invalid_multipart", disp
+
+
+@pytest.mark.parametrize("ctype", ["multipart/form-data", "text/plain; boundary=x"])
+def test_only_multipart_with_a_boundary_is_read(small, tmp_path, ctype):
+    req = Request([(_body(b"onnx"), False)])
+    req.headers["content-type"] = ctype
+    with pytest.raises(uploads.UnsupportedMediaType):
+        _receive(req, small, tmp_path / "st")
+    assert req.received == 0
+
+
+def test_a_client_too_slow_while_its_refusal_is_drained_gets_the_refusal(small, tmp_path,
+                                                                         monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    s = small.model_copy(update={"upload_deadline_s": 10.0})
+
+    class Stalls(Request):
+        async def receive(self) -> dict:
+            self.received += 1
+            if self.received == 1:
+                return {"type": "http.request", "body": b"x" * 100, "more_body": True}
+            if self.received > 2:
+                raise AssertionError("read on after the deadline")
+            clock.now = 100.0  # the deadline passes while the client is quiet
+            await anyio.sleep(30)
+
+    req = Stalls([], declared=1000)
+    with pytest.raises(StagingFull):
+        _receive(req, s, tmp_path / "st", Budget(req, full=True))
+
+
+def test_the_zip_limits_default_cannot_be_changed_in_place():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        uploads.ZipLimits().max_ratio = 1e9
