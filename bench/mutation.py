@@ -452,6 +452,16 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "harmless: the reported stage duration's rounding (3 or 5 decimals instead of 4)"),
     ("service/jobs/pipeline.py", "NumberReplacer", "{\"progress\": round(f, ",
      "harmless: the progress event's rounding (3 or 5 decimals instead of 4)"),
+    ("service/api/uploads.py", "NumberReplacer", "    drained = ",
+     "harmless: a refused body is drained one byte more or less before the answer"),
+    ("service/jobs/pipeline.py", "ReplaceBinaryOperator_BitOr_BitAnd", "job_id: uuid.UUID | str",
+     "a type annotation: with `from __future__ import annotations` it is never evaluated"),
+    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "(workdir / \"artifacts\").mkdir(",
+     "the work directory exists by then: every job has a model input, fetched into "
+     "workdir/inputs just before"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "if index + 0 < len(job.stages) else None",
+     "the last stage finished means the job succeeded, and a message for a finished job is "
+     "dropped before this line: index + 1 < len and index < len agree wherever it is reached"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

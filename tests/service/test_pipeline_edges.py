@@ -25,10 +25,13 @@ def _row(client, jid: str) -> Job:
 def test_a_finished_stage_reads_one_and_the_next_claim_starts_it_at_zero(client, submit,
                                                                          pipeline):
     jid = submit()
+    t0 = time.monotonic()
     assert pipeline.run(jid, "validate", task_id="t1") == "slice"
+    wall = time.monotonic() - t0
     with client.app.state.ctx.factory() as s:
         runs = {r.name: r for r in s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid))}
     assert runs["validate"].summary == {"stage": "validate", "device": "cpu"}  # the engine's
+    assert runs["validate"].progress == 1.0 and 0 <= runs["validate"].duration_s <= wall
     assert (runs["slice"].status, runs["slice"].progress) == (StageStatus.queued, 0.0)
     job = _row(client, jid)
     assert job.stage_progress == 1.0
@@ -133,6 +136,8 @@ def test_the_next_to_last_stage_delivered_again_resends_the_last(client, submit,
     while stage != "evaluate":
         stage = pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
     assert pipeline.step(jid, "export", task_id="again") == ["evaluate"]
+    assert pipeline.run(jid, "evaluate", task_id="last") is None
+    assert pipeline.step(jid, "evaluate", task_id="last-again") == []  # nothing follows the last
 
 
 def test_a_running_stage_is_taken_over_exactly_when_its_lease_is_stale(client, submit, pipeline,
