@@ -452,7 +452,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "harmless: the reported stage duration's rounding (3 or 5 decimals instead of 4)"),
     ("service/jobs/pipeline.py", "NumberReplacer", "{\"progress\": round(f, ",
      "harmless: the progress event's rounding (3 or 5 decimals instead of 4)"),
-    ("service/api/uploads.py", "NumberReplacer", "    drained = ",
+    ("service/api/uploads.py", "NumberReplacer", "drained = 0",
      "harmless: a refused body is drained one byte more or less before the answer"),
     ("service/jobs/pipeline.py", "ReplaceBinaryOperator_BitOr_BitAnd", "job_id: uuid.UUID | str",
      "a type annotation: with `from __future__ import annotations` it is never evaluated"),
@@ -462,6 +462,19 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/jobs/pipeline.py", "NumberReplacer", "if index + 0 < len(job.stages) else None",
      "the last stage finished means the job succeeded, and a message for a finished job is "
      "dropped before this line: index + 1 < len and index < len agree wherever it is reached"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "\"compare\": ",
+     "harmless rather than equivalent: compare's share of the overall progress bar"),
+    ("service/jobs/pipeline.py", "ReplaceBinaryOperator_Add_Sub", "if index - 1 < len(job.stages)",
+     "the last stage finished means the job succeeded, and a message for a finished job is "
+     "dropped before this line: the bound is true wherever it is reached"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "nrun = self._stage_run(s, job, nxt, index + ",
+     "the index is used only to create a missing row, and the next stage's row was created in "
+     "the same transaction that finished this one"),
+    ("service/jobs/pipeline.py", "ReplaceComparisonOperator_GtE_Gt",
+     "now - self.last >= self.p.settings.cancel_poll_interval_s",
+     "differs only when two calls are exactly one poll interval apart on the monotonic clock"),
+    ("service/api/uploads.py", "NumberReplacer", "name.rsplit(\".\", 2)[-1]",
+     "the last of at most three pieces is the last of two: the same extension"),
     ("service/jobs/reconciler.py", "NumberReplacer", "BATCH = 500",
      "harmless rather than equivalent: how many active jobs one pass looks at is a tuning "
      "constant (the rest wait for the next pass, a few seconds later)"),

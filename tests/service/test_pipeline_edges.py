@@ -62,6 +62,7 @@ def test_an_unchanged_artifact_does_not_end_the_look_at_the_others(pipeline, tmp
     art.mkdir()
     (art / "a.bin").write_bytes(b"same")
     (art / "b.bin").write_bytes(b"new")
+    (art / ".partial").write_bytes(b"being written")  # hidden: never published, sorts first
     stored = [types.SimpleNamespace(name="a.bin", sha256=hashlib.sha256(b"same").hexdigest())]
     monkeypatch.setattr(jobs, "list_artifacts", lambda s, job_id: stored)
     claim = _Claim(job_id=uuid.uuid4(), stage="export", index=4, stages=[], config={}, inputs=[])

@@ -360,3 +360,10 @@ def test_the_zip_limits_default_cannot_be_changed_in_place():
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         uploads.ZipLimits().max_ratio = 1e9
+
+
+def test_a_form_can_be_discarded_twice(small, tmp_path):
+    form = _receive(Request([(_body(b"onnx"), False)]), small, tmp_path / "st")
+    form.discard()
+    form.discard()  # the cleanup path may run after the folder is gone
+    assert not (tmp_path / "st").exists()
