@@ -134,9 +134,11 @@ def test_dare_s_and_dare_sl_tune_more_weights(setup):
     dare_s, _ = tune_dare(gm, full, mined, cfg)
     dare_sl, _ = tune_full_model(gm, mined, cfg)
     n_dare, n_s, n_sl = (_changed(gm, m) for m in (dare, dare_s, dare_sl))
-    assert 0 < sum(n_dare.values()) < sum(n_s.values()) < sum(n_sl.values())
+    # Without decay how many weights move is set by which ones get a gradient, and DARE and
+    # DARE-s differ there by float noise (one fc1 weight either way); what each frees is
+    # compared under weight decay below. Only DARE-sl may touch the last layer.
+    assert sum(n_dare.values()) > 0 and sum(n_s.values()) > 0
     assert n_dare["fc2.weight"] == n_s["fc2.weight"] == 0 < n_sl["fc2.weight"]
-    assert n_dare["fc1.weight"] < n_s["fc1.weight"]
     # Most weights that DARE-s frees get no gradient here (dead units); weight decay moves every
     # weight the optimiser is allowed to touch, which shows DARE-s frees all of M_T. DARE frees
     # 95 % per class (a different 5 % frozen for each), so it moves only weights some class may
@@ -146,6 +148,12 @@ def test_dare_s_and_dare_sl_tune_more_weights(setup):
     n_wd = _changed(gm, tune_dare(gm, res, mined, decay)[0])
     numel = {k: v.numel() for k, v in gm.state_dict().items()}
     assert all(n_s_wd[k] == numel[k] for k in full.masks)
+    # DARE-sl frees every weight of M: with decay it moves all of them, strictly more than DARE-s
+    # (without decay the two moved counts differ by a handful and their order is float noise)
+    n_sl_wd = _changed(gm, tune_full_model(gm, mined, decay)[0])
+    params = [k for k, _ in gm.named_parameters()]
+    assert all(n_sl_wd[k] == numel[k] for k in params)
+    assert sum(n_s_wd[k] for k in params) < sum(n_sl_wd[k] for k in params)
     assert all(n_wd[k] <= int(res.masks[k].any(0).sum()) for k in res.masks)
     per_class = [sum(int(res.masks[k][c].sum()) for k in res.masks) for c in range(10)]
     assert max(per_class) < sum(numel[k] for k in res.masks)

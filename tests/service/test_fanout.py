@@ -70,6 +70,18 @@ def _step(pipeline: Pipeline, jid: str, name: str) -> list[str]:
     return pipeline.step(jid, name, task_id=str(uuid.uuid4()))
 
 
+def _dead_worker(ctx, jid: str, method: str, attempts: int = 1, **job) -> None:
+    """``compare:<method>`` claimed ``attempts`` times, last by a worker that died 25 s ago
+    (older than the lease); ``job``: columns of the job to set in the same transaction."""
+    with ctx.factory.begin() as s:
+        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
+                                               StageRun.name == f"compare:{method}")).one()
+        run.status, run.attempts, run.task_id = StageStatus.running, attempts, "dead"
+        run.started_at = run.heartbeat_at = client_job(ctx, jid).updated_at - timedelta(seconds=25)
+        for k, v in job.items():
+            setattr(s.get(Job, uuid.UUID(jid)), k, v)
+
+
 def test_compare_sends_each_method_and_the_last_one_sends_the_choice(ctx, pipeline, submit):
     jid = _to_compare(pipeline, submit)
     fake_engine.CALLS.clear()
@@ -109,11 +121,7 @@ def test_reconciler_resends_only_the_method_whose_worker_died(ctx, pipeline, sub
     jid = _to_compare(pipeline, submit)
     _step(pipeline, jid, "compare")
     _step(pipeline, jid, "compare:at_fgsm")
-    with ctx.factory.begin() as s:  # dare claimed by a worker that then died
-        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
-                                               StageRun.name == "compare:dare")).one()
-        run.status, run.attempts, run.task_id = StageStatus.running, 1, "dead"
-        run.started_at = run.heartbeat_at = client_job(ctx, jid).updated_at - timedelta(seconds=25)
+    _dead_worker(ctx, jid, "dare")
     dispatcher.sent.clear()
     # at_pgd_online's message is young (queued), so only the expired lease is re-sent
     assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"lease_expired": 1}
@@ -149,12 +157,7 @@ def test_a_young_queued_method_does_not_end_the_look_at_the_ones_after_it(ctx, p
     died: the pass still reaches the second and re-sends it."""
     jid = _to_compare(pipeline, submit)
     _step(pipeline, jid, "compare")
-    old = client_job(ctx, jid).updated_at - timedelta(seconds=25)
-    with ctx.factory.begin() as s:
-        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
-                                               StageRun.name == "compare:at_fgsm")).one()
-        run.status, run.attempts, run.task_id = StageStatus.running, 1, "dead"
-        run.started_at = run.heartbeat_at = old
+    _dead_worker(ctx, jid, "at_fgsm")
     dispatcher.sent.clear()
     assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"lease_expired": 1}
     assert dispatcher.sent == [(jid, "compare:at_fgsm")]
@@ -191,12 +194,7 @@ def test_a_cancel_with_a_dead_method_worker_is_ended_by_the_reconciler(ctx, pipe
                                                                         dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)
     _step(pipeline, jid, "compare")
-    with ctx.factory.begin() as s:
-        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
-                                               StageRun.name == "compare:dare")).one()
-        run.status, run.attempts, run.task_id = StageStatus.running, 1, "dead"
-        run.started_at = run.heartbeat_at = client_job(ctx, jid).updated_at - timedelta(seconds=25)
-        s.get(Job, uuid.UUID(jid)).status = "cancelling"
+    _dead_worker(ctx, jid, "dare", status="cancelling")
     assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"cancelled": 1}
     assert client_job(ctx, jid).status == "cancelled"
 
@@ -244,11 +242,7 @@ def test_a_method_that_keeps_losing_its_worker_fails_the_job_and_ends_the_others
         ctx, pipeline, submit, dispatcher, empty_broker):
     jid = _to_compare(pipeline, submit)
     _step(pipeline, jid, "compare")
-    with ctx.factory.begin() as s:
-        run = s.scalars(select(StageRun).where(StageRun.job_id == uuid.UUID(jid),
-                                               StageRun.name == "compare:dare")).one()
-        run.status, run.attempts, run.task_id = StageStatus.running, 3, "dead"
-        run.started_at = run.heartbeat_at = client_job(ctx, jid).updated_at - timedelta(seconds=25)
+    _dead_worker(ctx, jid, "dare", attempts=3)
     assert reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store) == {"failed": 1}
     job = client_job(ctx, jid)
     assert job.status == "failed" and job.error_code == "stage_attempts_exhausted"

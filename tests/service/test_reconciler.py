@@ -64,6 +64,17 @@ def _reconcile(ctx, dispatcher) -> dict:
     return reconcile_once(ctx.settings, ctx.factory, dispatcher, ctx.store)
 
 
+def _at_the_edge(ctx, dispatcher, monkeypatch, edge, before: dict, at: dict,
+                 just: timedelta = timedelta(microseconds=1)) -> None:
+    """A pass a moment before ``edge`` answers ``before``, one at ``edge`` exactly ``at``."""
+    from service.jobs import reconciler
+
+    monkeypatch.setattr(reconciler, "utcnow", lambda: edge - just)
+    assert _reconcile(ctx, dispatcher) == before
+    monkeypatch.setattr(reconciler, "utcnow", lambda: edge)
+    assert _reconcile(ctx, dispatcher) == at
+
+
 def _events(ctx, jid: str, kind: str) -> list[JobEvent]:
     with ctx.factory() as s:
         return list(s.scalars(select(JobEvent).where(JobEvent.job_id == uuid.UUID(jid),
@@ -386,17 +397,13 @@ def test_a_dead_first_claim_is_resent_like_any_other(ctx, submit, pipeline, disp
 def test_the_requeue_wait_ends_exactly_at_its_length(ctx, submit, dispatcher, empty_broker,
                                                      monkeypatch):
     """requeue_after_s after the last re-send the stage goes out again; a moment before, not."""
-    from service.jobs import reconciler
-
     jid = submit()
     _age(ctx, jid, 31)
     assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
     [ev] = _events(ctx, jid, "requeued")
     wait = timedelta(seconds=ctx.settings.requeue_after_s)
-    monkeypatch.setattr(reconciler, "utcnow", lambda: ev.at + wait - timedelta(microseconds=1))
-    assert _reconcile(ctx, dispatcher) == {"throttled": 1}
-    monkeypatch.setattr(reconciler, "utcnow", lambda: ev.at + wait)
-    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+    _at_the_edge(ctx, dispatcher, monkeypatch, ev.at + wait, {"throttled": 1},
+                 {"not_picked_up": 1})
 
 
 class _FlakyDispatcher(RecordingDispatcher):
@@ -512,8 +519,6 @@ def test_malformed_broker_messages_are_skipped_not_fatal():
 def test_a_broker_that_cannot_be_looked_into_leaves_the_age_rule(ctx):
     """Unreachable (nothing listens on port 1): unknown, not an error, so the reconciler goes on
     deciding by age alone."""
-    from service.jobs.reconciler import queued_messages
-
     assert queued_messages(ctx.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})) is None
 
 
@@ -521,8 +526,6 @@ def test_the_backoff_stops_doubling_at_32_times_the_wait(ctx, submit, dispatcher
                                                          monkeypatch):
     """Eight re-sends already and still stuck: the next waits 32 x requeue_after_s (30 s here),
     not 64 x and not 16 x."""
-    from service.jobs import reconciler
-
     jid = submit()
     _age(ctx, jid, 5000)
     with ctx.factory.begin() as s:
@@ -530,10 +533,8 @@ def test_the_backoff_stops_doubling_at_32_times_the_wait(ctx, submit, dispatcher
             jobs.add_event(s, uuid.UUID(jid), "requeued", "validate", {"reason": "not_picked_up"})
     last = max(e.at for e in _events(ctx, jid, "requeued"))
     cap = timedelta(seconds=32 * ctx.settings.requeue_after_s)
-    monkeypatch.setattr(reconciler, "utcnow", lambda: last + cap - timedelta(seconds=1))
-    assert _reconcile(ctx, dispatcher) == {"throttled": 1}
-    monkeypatch.setattr(reconciler, "utcnow", lambda: last + cap)
-    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+    _at_the_edge(ctx, dispatcher, monkeypatch, last + cap, {"throttled": 1},
+                 {"not_picked_up": 1}, just=timedelta(seconds=1))
 
 
 def test_a_job_a_worker_holds_locked_is_skipped_not_waited_for(ctx, submit, dispatcher,
@@ -569,16 +570,11 @@ def test_a_claimed_stage_without_a_heartbeat_yet_is_aged_from_its_start(ctx, sub
 
 def test_an_unclaimed_first_stage_waits_exactly_requeue_after_s(ctx, submit, dispatcher,
                                                                 empty_broker, monkeypatch):
-    from service.jobs import reconciler
-
     jid = submit()
     with ctx.factory() as s:
         created = jobs.get_job(s, uuid.UUID(jid)).created_at
     patience = timedelta(seconds=ctx.settings.requeue_after_s)
-    monkeypatch.setattr(reconciler, "utcnow", lambda: created + patience - timedelta(microseconds=1))
-    assert _reconcile(ctx, dispatcher) == {}
-    monkeypatch.setattr(reconciler, "utcnow", lambda: created + patience)
-    assert _reconcile(ctx, dispatcher) == {"not_picked_up": 1}
+    _at_the_edge(ctx, dispatcher, monkeypatch, created + patience, {}, {"not_picked_up": 1})
 
 
 def test_the_second_stage_waits_from_the_first_ones_end_not_from_the_submission(
@@ -591,16 +587,11 @@ def test_the_second_stage_waits_from_the_first_ones_end_not_from_the_submission(
 
 def test_a_lease_is_lost_exactly_stage_stale_after_s_after_the_last_heartbeat(
         ctx, submit, pipeline, dispatcher, empty_broker, monkeypatch):
-    from service.jobs import reconciler
-
     jid = submit()
     pipeline._claim(uuid.UUID(jid), "validate", "dead")
     beat = _run(ctx, jid, "validate").heartbeat_at
     stale = timedelta(seconds=ctx.settings.stage_stale_after_s)
-    monkeypatch.setattr(reconciler, "utcnow", lambda: beat + stale - timedelta(microseconds=1))
-    assert _reconcile(ctx, dispatcher) == {}
-    monkeypatch.setattr(reconciler, "utcnow", lambda: beat + stale)
-    assert _reconcile(ctx, dispatcher) == {"lease_expired": 1}
+    _at_the_edge(ctx, dispatcher, monkeypatch, beat + stale, {}, {"lease_expired": 1})
 
 
 def test_a_stage_never_resent_waits_one_requeue_interval_after_the_jobs_last_resend(
