@@ -20,9 +20,14 @@ B = "edgeboundary"
 KiB = 1024
 
 
+def _part(name: str, data: bytes, filename: str | None = None) -> bytes:
+    fn = f'; filename="{filename}"' if filename else ""
+    return (f'--{B}\r\nContent-Disposition: form-data; name="{name}"{fn}\r\n\r\n'.encode() + data
+            + f"\r\n--{B}--\r\n".encode())
+
+
 def _body(payload: bytes) -> bytes:
-    return (f'--{B}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\n'
-            .encode() + payload + f"\r\n--{B}--\r\n".encode())
+    return _part("model", payload, "m.onnx")
 
 
 def _pieces(data: bytes, size: int) -> list[bytes]:
@@ -35,6 +40,13 @@ class Clock:
 
     def monotonic(self) -> float:
         return self.now
+
+
+def _clock(monkeypatch) -> Clock:
+    """A test clock that uploads.py reads as time.monotonic."""
+    clock = Clock()
+    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    return clock
 
 
 class Request:
@@ -123,8 +135,7 @@ def test_time_the_server_spends_parsing_is_not_a_free_pass_for_the_client(small,
                                                                           monkeypatch):
     """10,000 B/s over 1 s windows; the client sends 4 KiB every 0.6 s (6.8 KB/s) and parsing
     takes no time on this clock: the second window check cuts the body."""
-    clock = Clock()
-    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    clock = _clock(monkeypatch)
     s = small.model_copy(update={"upload_min_rate_bytes_s": 10_000, "upload_rate_window_s": 1.0})
     pieces = _pieces(_body(bytes(64 * KiB)), 4 * KiB)
     req = Request(_messages(pieces), clock=clock, step_s=0.6)
@@ -133,15 +144,11 @@ def test_time_the_server_spends_parsing_is_not_a_free_pass_for_the_client(small,
     assert e.value.reason == "rate" and req.received == 2
 
 
-def _pace(monkeypatch, settings, **kw):
-    clock = Clock()
-    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
-    return clock, _Pace(settings.model_copy(update=kw))
 
 
 def test_the_deadline_is_met_until_its_last_instant(settings, monkeypatch):
     kw = {"upload_deadline_s": 10.0, "upload_min_rate_bytes_s": 0}
-    clock, _ = _pace(monkeypatch, settings, **kw)
+    clock = _clock(monkeypatch)
     clock.now = 2.0  # the body starts at 2.0 on this clock
     pace = _Pace(settings.model_copy(update=kw))
     assert pace.wait_s() == 10.0  # no rate: only the deadline bounds a wait
@@ -155,7 +162,7 @@ def test_the_deadline_is_met_until_its_last_instant(settings, monkeypatch):
 
 def test_each_rate_window_must_bring_its_bytes_and_then_a_new_one_begins(settings, monkeypatch):
     kw = {"upload_deadline_s": 100.0, "upload_min_rate_bytes_s": 100, "upload_rate_window_s": 2.0}
-    clock, pace = _pace(monkeypatch, settings, **kw)
+    clock = _clock(monkeypatch)
     clock.now = 3.0  # the body starts at 3.0 on this clock
     pace = _Pace(settings.model_copy(update=kw))
     assert pace.wait_s() == 2.0
@@ -249,12 +256,6 @@ def test_onnx_external_data_is_never_opened_and_escaping_paths_are_named_an_atta
     assert e.value.code == code and repr(location) in str(e.value)
 
 
-def _part(name: str, data: bytes, filename: str | None = None) -> bytes:
-    fn = f'; filename="{filename}"' if filename else ""
-    return (f'--{B}\r\nContent-Disposition: form-data; name="{name}"{fn}\r\n\r\n'.encode() + data
-            + f"\r\n--{B}--\r\n".encode())
-
-
 @pytest.mark.parametrize("field, size, ok", [("model", 100, True), ("model", 101, False),
                                              ("config", 100, True), ("config", 101, False)])
 def test_a_file_or_text_field_may_fill_its_limit_but_not_pass_it(small, tmp_path, field, size,
@@ -298,8 +299,7 @@ def test_a_window_that_passes_its_check_while_the_client_is_quiet_keeps_waiting(
         small, tmp_path, monkeypatch):
     """The next piece is late past a window's end; that window brought enough, so the check
     passes, a new window starts, and the wait goes on until the piece arrives."""
-    clock = Clock()
-    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    clock = _clock(monkeypatch)
     s = small.model_copy(update={"upload_min_rate_bytes_s": 1, "upload_rate_window_s": 0.2})
     body = _body(b"onnx")
     first, last = body[:-10], body[-10:]
@@ -336,8 +336,7 @@ def test_only_multipart_with_a_boundary_is_read(small, tmp_path, ctype):
 
 def test_a_client_too_slow_while_its_refusal_is_drained_gets_the_refusal(small, tmp_path,
                                                                          monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(uploads, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    clock = _clock(monkeypatch)
     s = small.model_copy(update={"upload_deadline_s": 10.0})
 
     class Stalls(Request):
