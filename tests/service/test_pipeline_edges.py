@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import types
 import uuid
 
+import pytest
+
 from service.jobs import records as jobs
 from service.jobs.pipeline import _Claim, _Heartbeat, overall_progress
-from service.states import StageStatus
+from service.states import JobStatus, StageStatus
 from service.store.models import Job, StageRun
 
 from .test_pipeline import pipeline  # noqa: F401 (fixture)
@@ -156,3 +159,167 @@ def test_a_running_stage_is_taken_over_exactly_when_its_lease_is_stale(client, s
     assert isinstance(pipeline._claim(uuid.UUID(jid), "validate", "second"), pl._Skip)
     monkeypatch.setattr(pl, "utcnow", lambda: beat + stale)
     assert isinstance(pipeline._claim(uuid.UUID(jid), "validate", "second"), pl._Claim)
+
+
+def test_a_stage_taken_over_from_a_lost_worker_starts_again_at_zero(client, submit, pipeline,
+                                                                    monkeypatch):
+    from datetime import timedelta
+
+    from service.jobs import pipeline as pl
+
+    jid = submit()
+    pipeline._claim(uuid.UUID(jid), "validate", "first")
+    with client.app.state.ctx.factory.begin() as s:  # the lost worker had got this far
+        run = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one()
+        run.progress, beat = 0.7, run.heartbeat_at
+    monkeypatch.setattr(pl, "utcnow", lambda: beat + timedelta(
+        seconds=pipeline.settings.stage_stale_after_s))
+    assert isinstance(pipeline._claim(uuid.UUID(jid), "validate", "second"), pl._Claim)
+    with client.app.state.ctx.factory() as s:
+        run = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one()
+    assert (run.task_id, run.attempts, run.progress) == ("second", 2, 0.0)
+
+
+def test_the_methods_a_plan_or_a_method_releases_start_queued_at_zero(client, submit, pipeline):
+    from .test_fanout import BEFORE, COMPARE
+
+    jid = submit(json.dumps(COMPARE))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    factory = client.app.state.ctx.factory
+
+    def released(by: str) -> dict[str, tuple]:
+        sent = pipeline.step(jid, by, task_id=by)
+        with factory() as s:
+            rows = {r.name: r for r in s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid))}
+        return {n: (rows[n].status, rows[n].attempts, rows[n].progress) for n in sent}
+
+    fresh = (StageStatus.queued, 0, 0.0)
+    assert released("compare") == {f"compare:{m}": fresh for m in ("dare", "at_fgsm",
+                                                                   "at_pgd_online")}
+    assert released("compare:dare") == {"compare:weight_noise": fresh}  # made from dare
+
+
+def test_an_artifact_a_later_stage_rewrites_is_published_with_its_new_bytes(client, submit,
+                                                                           pipeline):
+    from service.store.models import Artifact
+
+    jid = submit()
+    art = pipeline.workdir(jid) / "artifacts"
+    art.mkdir(parents=True)
+    (art / "notes.txt").write_bytes(b"one")
+    assert pipeline.run(jid, "validate", task_id="t1") == "slice"
+    (art / "notes.txt").write_bytes(b"second!")  # the next stage writes it again
+    assert pipeline.run(jid, "slice", task_id="t2") == "mine"
+    with client.app.state.ctx.factory() as s:
+        row = s.query(Artifact).filter(Artifact.job_id == uuid.UUID(jid)).one()
+    assert (row.name, row.size, row.sha256) == ("notes.txt", 7,
+                                                hashlib.sha256(b"second!").hexdigest())
+    out = pipeline.workdir(jid) / "fetched"
+    pipeline.store.fetch(row.uri, out)
+    assert out.read_bytes() == b"second!"
+
+
+def _claimed_method(client, submit, pipeline, method: str):
+    from .test_fanout import BEFORE, COMPARE
+
+    jid = submit(json.dumps(COMPARE))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    pipeline.step(jid, "compare", task_id="plan")
+    return jid, pipeline._claim(uuid.UUID(jid), f"compare:{method}", f"{method}-task")
+
+
+def test_a_method_that_ends_into_a_cancel_ends_the_job(client, submit, pipeline):
+    jid, claim = _claimed_method(client, submit, pipeline, "dare")
+    assert client.post(f"/v1/jobs/{jid}/cancel").json()["status"] == "cancelling"
+    assert pipeline._finish_part(claim, {"method": "dare"}, 0.1) == []
+    assert _row(client, jid).status == "cancelled"
+    with client.app.state.ctx.factory() as s:
+        run = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid),
+                                       StageRun.name == "compare:dare").one()
+    assert run.status is StageStatus.cancelled
+
+
+def test_a_method_that_lost_its_lease_leaves_a_running_job_running(client, submit, pipeline):
+    jid, claim = _claimed_method(client, submit, pipeline, "dare")
+    with client.app.state.ctx.factory.begin() as s:  # another message took the method over
+        s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid),
+                                 StageRun.name == "compare:dare").update({StageRun.task_id: "new"})
+    assert pipeline._finish_part(claim, {"method": "dare"}, 0.1) == []
+    assert _row(client, jid).status == "running"
+
+
+def _while_locked(factory, jid: str, change, call):
+    """Run ``call()`` in a thread while another transaction holds the job's row lock and has
+    made ``change(session, job)``, not yet committed; commit once the thread waits on a lock (or
+    has returned). What ``call`` returns, or raises, is the result."""
+    from sqlalchemy import text
+
+    out: list = []
+
+    def target() -> None:
+        try:
+            out.append(("ok", call()))
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            out.append(("raised", e))
+
+    with factory() as s:
+        job = jobs.get_job(s, uuid.UUID(jid), for_update=True)
+        change(s, job)
+        s.flush()
+        t = threading.Thread(target=target)
+        t.start()
+        waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                       " AND wait_event_type = 'Lock'")
+        deadline = time.monotonic() + 10
+        while t.is_alive() and time.monotonic() < deadline:
+            s.execute(text("SELECT pg_stat_clear_snapshot()"))  # else frozen for the transaction
+            if s.scalar(waiting):
+                break
+            time.sleep(0.02)
+        s.commit()
+    t.join(timeout=10)
+    kind, value = out[0]
+    if kind == "raised":
+        raise value
+    return value
+
+
+def test_a_stage_publishing_while_a_cancel_commits_is_cancelled_with_its_artifacts(
+        client, submit, pipeline, monkeypatch):
+    """The publish reads the job under its row lock: a cancel whose transaction is still open
+    when the stage finishes wins, and what the stage had uploaded is removed."""
+    from service.store.models import Artifact
+    from service.store.storage import ArtifactNotFound
+
+    jid = submit()
+    claim = pipeline._claim(uuid.UUID(jid), "validate", "t1")
+    art = pipeline.workdir(jid) / "artifacts"
+    art.mkdir(parents=True)
+    (art / "notes.txt").write_bytes(b"made by the stage")
+    uploaded: list[str] = []
+    put = pipeline.store.put
+    monkeypatch.setattr(pipeline.store, "put",
+                        lambda key, f, **kw: uploaded.append(put(key, f, **kw)) or uploaded[-1])
+    sent = _while_locked(client.app.state.ctx.factory, jid,
+                         lambda s, job: jobs.set_status(s, job, JobStatus.cancelling),
+                         lambda: pipeline._finish(claim, {}, 0.1, pipeline.workdir(jid)))
+    assert sent == [] and len(uploaded) == 1
+    assert _row(client, jid).status == "cancelled"
+    with client.app.state.ctx.factory() as s:
+        assert s.query(Artifact).filter(Artifact.job_id == uuid.UUID(jid)).count() == 0
+    with pytest.raises(ArtifactNotFound):  # the stored object went with its row
+        pipeline.store.fetch(uploaded[0], pipeline.workdir(jid) / "gone")
+
+
+def test_a_cancel_acknowledged_after_the_job_failed_meanwhile_changes_nothing(client, submit,
+                                                                             pipeline):
+    jid = submit()
+    pipeline._claim(uuid.UUID(jid), "validate", "t1")
+    assert client.post(f"/v1/jobs/{jid}/cancel").json()["status"] == "cancelling"
+    _while_locked(client.app.state.ctx.factory, jid,
+                  lambda s, job: pipeline.fail_locked(s, job, "validate", "stage_failed", "boom"),
+                  lambda: pipeline.mark_cancelled(uuid.UUID(jid), "validate"))
+    job = _row(client, jid)
+    assert (job.status, job.error_code) == ("failed", "stage_failed")
