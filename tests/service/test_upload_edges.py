@@ -366,3 +366,18 @@ def test_a_form_can_be_discarded_twice(small, tmp_path):
     form.discard()
     form.discard()  # the cleanup path may run after the folder is gone
     assert not (tmp_path / "st").exists()
+
+
+def test_a_streamed_body_may_reach_the_whole_body_limit_but_not_pass_it(small, tmp_path):
+    """Without a declared length the limit is counted over the body as it arrives: a body of
+    exactly the limit (here padded after the closing boundary, where the parser skips bytes) is
+    read; one byte more is refused."""
+    total = (sum(small.limit_for(f) for f in ("model", "history", "data"))
+             + 2 * small.max_config_bytes + 64 * KiB)
+    body = _body(b"onnx")
+    exact = body + b"x" * (total - len(body))
+    form = _receive(Request(_messages(_pieces(exact, 64 * KiB))), small, tmp_path / "a")
+    assert form.files["model"].path.read_bytes() == b"onnx"
+    with pytest.raises(uploads.UploadTooLarge) as e:
+        _receive(Request(_messages(_pieces(exact + b"x", 64 * KiB))), small, tmp_path / "b")
+    assert e.value.field == "request body" and e.value.limit == total
