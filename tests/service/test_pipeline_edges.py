@@ -272,14 +272,16 @@ def _while_locked(factory, jid: str, change, call):
         t.start()
         waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                        " AND wait_event_type = 'Lock'")
-        deadline = time.monotonic() + 10
+        # the thread reaches its wait at once; the deadline is slack for a loaded machine
+        deadline = time.monotonic() + 30
         while t.is_alive() and time.monotonic() < deadline:
             s.execute(text("SELECT pg_stat_clear_snapshot()"))  # else frozen for the transaction
             if s.scalar(waiting):
                 break
             time.sleep(0.02)
         s.commit()
-    t.join(timeout=10)
+    t.join(timeout=30)
+    assert not t.is_alive(), "the call did not return once the lock was released"
     kind, value = out[0]
     if kind == "raised":
         raise value
