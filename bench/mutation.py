@@ -559,6 +559,34 @@ def _mutated_line(module: str, start: tuple[int, int]) -> str:
     return lines[start[0] - 1].strip() if 0 < start[0] <= len(lines) else ""
 
 
+def _equivalent(module: str, operator: str, line: str, mutant: str) -> bool:
+    """Whether an EQUIVALENT entry covers this mutant (by its line as committed or as mutated)."""
+    return any(e[0] in (module, "*") and operator.endswith(e[1]) and (e[2] in line or e[2] in mutant)
+               for e in EQUIVALENT)
+
+
+NOT_RUN_EQUIVALENT = "not run: an EQUIVALENT entry names its line"
+
+
+def _skip_equivalent(module: str, session: Path) -> None:
+    """Record the pending mutants that an EQUIVALENT entry covers by their committed line as
+    equivalent without running them. Had one run, the report would leave it out as a survivor
+    all the same (a kill would only add one to both sides of the score); each costs the whole
+    test list, a minute or more for a service module."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    lines = subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
+                           text=True).stdout.splitlines()
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item in list(db.pending_work_items):
+            m = item.mutations[0]
+            line = lines[m.start_pos[0] - 1].strip() if 0 < m.start_pos[0] <= len(lines) else ""
+            if _equivalent(module, m.operator_name, line, ""):
+                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
+                                                      output=NOT_RUN_EQUIVALENT))
+
+
 def _retest_survivors(scratch: Path, session: Path) -> None:
     """After the tests were improved: take the tests from HEAD again and put every survivor back
     in the queue (the killed ones stay killed: better tests do not un-kill a mutant)."""
@@ -618,6 +646,7 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
         # project afresh and starts whatever servers and workers its tests need as its own
         # subprocesses (its process group, killed with it). test_auth.py: 16 s a run instead of
         # 45 s in a fresh interpreter on the loaded machine.
+        _skip_equivalent(module, session)
         sock = scratch / "pytest.sock"
         (scratch / "cr.toml").write_text(_config(module, tests, timeout, sock))
         sock.unlink(missing_ok=True)
@@ -643,6 +672,9 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
             line = _mutated_line(module, m.start_pos)
             where = f"{module}:{m.start_pos[0]} {m.operator_name.removeprefix('core/')} `{line}`"
             row.total += 1
+            if result.output == NOT_RUN_EQUIVALENT:
+                row.equivalent += 1
+                continue
             if result.test_outcome is None or result.worker_outcome == WorkerOutcome.SKIPPED:
                 row.total -= 1  # filtered out
                 continue
@@ -651,9 +683,8 @@ def run_module(module: str, scratch_root: Path, budget_s: float, *, execute: boo
                               if x.startswith("+") and not x.startswith("+++"))
             if result.test_outcome == TestOutcome.INCOMPETENT:
                 row.incompetent += 1
-            elif result.test_outcome == TestOutcome.SURVIVED and any(
-                    e[0] in (module, "*") and m.operator_name.endswith(e[1])
-                    and (e[2] in line or e[2] in mutant) for e in EQUIVALENT):
+            elif result.test_outcome == TestOutcome.SURVIVED and _equivalent(
+                    module, m.operator_name, line, mutant):
                 row.equivalent += 1  # judged equivalent: only a survivor can be
             elif result.test_outcome == TestOutcome.SURVIVED:
                 row.survived += 1
