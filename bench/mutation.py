@@ -379,6 +379,14 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "log.warning(\"could not delete %s\", uri",
      "harmless: whether the warning about an object that could not be deleted carries the "
      "traceback"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "planned: int = ",
+     "the default is never read: only a method's claim reads planned, and it is always made "
+     "with the plan's count"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "overall_progress(claim.stages, claim.index, 2.0)",
+     "overall_progress clamps the stage's fraction to [0, 1]: 2.0 reads as 1.0"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "self._thread.join(timeout=",
+     "harmless: how long a finished stage waits for its heartbeat thread, which stops within one "
+     "heartbeat interval (seconds below either bound)"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),

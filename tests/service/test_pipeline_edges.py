@@ -325,3 +325,53 @@ def test_a_cancel_acknowledged_after_the_job_failed_meanwhile_changes_nothing(cl
                   lambda: pipeline.mark_cancelled(uuid.UUID(jid), "validate"))
     job = _row(client, jid)
     assert (job.status, job.error_code) == ("failed", "stage_failed")
+
+
+def test_a_stage_that_finishes_into_a_cancel_ends_it_and_publishes_nothing(client, submit,
+                                                                          pipeline):
+    from service.store.models import Artifact
+
+    jid = submit()
+    claim = pipeline._claim(uuid.UUID(jid), "validate", "t1")
+    art = pipeline.workdir(jid) / "artifacts"
+    art.mkdir(parents=True)
+    (art / "notes.txt").write_bytes(b"made by the stage")
+    assert client.post(f"/v1/jobs/{jid}/cancel").json()["status"] == "cancelling"
+    assert pipeline._finish(claim, {}, 0.1, pipeline.workdir(jid)) == []
+    assert _row(client, jid).status == "cancelled"
+    with client.app.state.ctx.factory() as s:
+        run = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one()
+        assert run.status is StageStatus.cancelled
+        assert s.query(Artifact).filter(Artifact.job_id == uuid.UUID(jid)).count() == 0
+
+
+def test_a_job_failed_before_it_had_a_work_directory_fails_cleanly_once(client, submit,
+                                                                        pipeline):
+    jid = submit()
+    assert not pipeline.workdir(jid).exists()  # no stage has run: nothing to remove
+    pipeline.fail(jid, "validate", "stage_failed", "the worker's failure hook")
+    pipeline.fail(jid, "validate", "other", "called again")  # the job has ended: a no-op
+    job = _row(client, jid)
+    assert (job.status, job.error_code) == ("failed", "stage_failed")
+
+
+def test_an_unreadable_report_leaves_the_result_without_its_figures(client, submit, pipeline,
+                                                                    tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    jid = submit()
+    (tmp_path / "artifacts").mkdir()
+    report = tmp_path / "artifacts" / "report.json"
+    report.write_text(json.dumps({"clean_accuracy": {"hardened": 0.9}}))
+    read_text = Path.read_text
+
+    def failing_disk(self, *a, **kw):
+        if self == report:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", failing_disk)
+    with client.app.state.ctx.factory() as s:
+        result = pipeline.build_result(s, s.get(Job, uuid.UUID(jid)), tmp_path)
+    assert set(result) == {"stage_durations_s", "artifacts"}
