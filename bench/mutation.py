@@ -773,7 +773,9 @@ def report(rows: list[Row], earlier: dict[str, tuple[str, list[str]]] | None = N
         lines += ["## Survivors", ""] + [f"- {s}" for _, s in survivors] + [""]
     lines += ["## Equivalent mutants (left out of the score)", ""]
     lines += [f"- {m} {o} `{frag}`: {why}" for m, o, frag, why in EQUIVALENT] + [""]
-    notes = [f"- {r.module}: {r.note}" for r in rows if r.note]
+    # a module shown by its earlier run's row needs no "not run yet" note
+    notes = [f"- {r.module}: {r.note}" for r in rows
+             if r.note and not (r.note == "not run yet" and r.module in earlier)]
     if notes:
         lines += ["## Notes", ""] + notes + [""]
     return "\n".join(lines)
