@@ -387,6 +387,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/jobs/pipeline.py", "NumberReplacer", "self._thread.join(timeout=",
      "harmless: how long a finished stage waits for its heartbeat thread, which stops within one "
      "heartbeat interval (seconds below either bound)"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "func.sum(StageRun.progress), ",
+     "the sum is never NULL there: a method's own row is among the rows summed"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),

@@ -375,3 +375,15 @@ def test_an_unreadable_report_leaves_the_result_without_its_figures(client, subm
     with client.app.state.ctx.factory() as s:
         result = pipeline.build_result(s, s.get(Job, uuid.UUID(jid)), tmp_path)
     assert set(result) == {"stage_durations_s", "artifacts"}
+
+
+def test_a_failed_stage_is_marked_in_its_own_job_and_in_no_other(client, submit, pipeline):
+    a, b = submit(), submit()
+    for jid in (a, b):
+        pipeline._claim(uuid.UUID(jid), "validate", f"{jid}-task")
+    pipeline.fail(a, "validate", "stage_failed", "boom")
+    with client.app.state.ctx.factory() as s:
+        runs = {str(r.job_id): r.status
+                for r in s.query(StageRun).filter(StageRun.name == "validate")}
+    assert runs == {a: StageStatus.failed, b: StageStatus.running}
+    assert (_row(client, a).status, _row(client, b).status) == ("failed", "running")
