@@ -110,13 +110,15 @@ def test_a_finished_stage_delivered_again_resends_only_a_next_stage_never_claime
     assert pipeline.step(jid, "validate", task_id="t1-third") == []
 
 
-def test_a_succeeded_job_reads_one(client, submit, pipeline):
+def test_a_succeeded_job_reads_one_and_leaves_no_work_directory(client, submit, pipeline):
     jid = submit()
     stage = "validate"
     while stage:
+        assert pipeline.workdir(jid).is_dir() or stage == "validate"  # kept between stages
         stage = pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
     job = _row(client, jid)
     assert (job.status, job.progress, job.stage_progress) == ("succeeded", 1.0, 1.0)
+    assert not pipeline.workdir(jid).exists()  # scratch: everything is in the store
 
 
 def test_a_progress_event_marks_each_tenth_of_a_stage(client, submit, pipeline):
@@ -387,3 +389,80 @@ def test_a_failed_stage_is_marked_in_its_own_job_and_in_no_other(client, submit,
                 for r in s.query(StageRun).filter(StageRun.name == "validate")}
     assert runs == {a: StageStatus.failed, b: StageStatus.running}
     assert (_row(client, a).status, _row(client, b).status) == ("failed", "running")
+
+
+def test_the_result_times_only_its_own_jobs_stages(client, submit, pipeline, tmp_path):
+    mine, other = submit(), submit()
+    pipeline.run(mine, "validate", task_id="m1")
+    stage = "validate"
+    for _ in range(3):  # the other job gets further
+        stage = pipeline.run(other, stage, task_id=str(uuid.uuid4()))
+    with client.app.state.ctx.factory() as s:
+        result = pipeline.build_result(s, s.get(Job, uuid.UUID(mine)), tmp_path)
+    assert set(result["stage_durations_s"]) == {"validate"}
+
+
+def _methods_running(client, submit, pipeline):
+    """A compare job whose plan sent dare, at_fgsm and at_pgd_online (weight_noise waits for
+    dare): dare has finished and at_fgsm is claimed. -> (job id, at_fgsm's progress writer)."""
+    from service.jobs.pipeline import _ProgressWriter
+
+    from .test_fanout import BEFORE, COMPARE
+
+    jid = submit(json.dumps(COMPARE))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    pipeline.step(jid, "compare", task_id="plan")
+    pipeline.step(jid, "compare:dare", task_id="dare")
+    claim = pipeline._claim(uuid.UUID(jid), "compare:at_fgsm", "fgsm")
+    return jid, _ProgressWriter(pipeline, claim)
+
+
+def test_a_methods_progress_moves_compare_by_the_mean_over_every_planned_method(
+        client, submit, pipeline):
+    from service.jobs.pipeline import METHODS_SHARE
+
+    jid, writer = _methods_running(client, submit, pipeline)
+    writer.value = 0.5
+    writer.flush()
+    with client.app.state.ctx.factory() as s:
+        dare = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid),
+                                        StageRun.name == "compare:dare").one()
+    assert (dare.status, dare.progress) == (StageStatus.succeeded, 1.0)
+    job = _row(client, jid)
+    assert job.stage_progress == METHODS_SHARE * (1.0 + 0.5) / 4  # 4 planned, 3 sent so far
+    assert job.progress == overall_progress(job.stages, job.stages.index("compare"),
+                                            job.stage_progress)
+
+
+def test_an_engines_progress_is_read_between_zero_and_one(client, submit, pipeline):
+    from service.jobs.pipeline import _ProgressWriter
+
+    jid = submit()
+    writer = _ProgressWriter(pipeline, pipeline._claim(uuid.UUID(jid), "validate", "t1"))
+    writer(-0.5)
+    assert writer.value == 0.0
+    writer(1.5)
+    writer.flush()
+    with client.app.state.ctx.factory() as s:
+        run = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one()
+    assert run.progress == 1.0 and _row(client, jid).stage_progress == 1.0
+
+
+def test_a_lost_progress_write_or_cancel_poll_does_not_fail_the_stage(client, submit, pipeline,
+                                                                      monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from service.jobs import pipeline as pl
+
+    jid = submit()
+    writer = pl._ProgressWriter(pipeline, pipeline._claim(uuid.UUID(jid), "validate", "t1"))
+    poll = pl._CancelPoller(pipeline, uuid.UUID(jid))
+
+    def database_gone(factory):
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(pl, "session_scope", database_gone)
+    writer.value = 0.5
+    writer.flush()  # logged, not raised
+    assert poll() is False  # not cancelled as far as anyone can tell; asked again later
