@@ -389,6 +389,11 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "heartbeat interval (seconds below either bound)"),
     ("service/jobs/pipeline.py", "NumberReplacer", "func.sum(StageRun.progress), ",
      "the sum is never NULL there: a method's own row is among the rows summed"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "kind, planned = \"stage\", ",
+     "planned is read only for kind method: a stage's value is never read"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "max(job.stage_progress or ",
+     "frac (done methods over planned ones) is never negative, so the fallback for a job with no "
+     "stage progress yet may be 0 or -1 alike"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),
@@ -422,10 +427,11 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "reached, whichever way the two lengths are combined"),
     ("service/api/uploads.py", "ReplaceUnaryOperator_USub_UAdd", "name.rsplit(\".\", 1)[-1]",
      "with a dot in the name rsplit(., 1) gives exactly two pieces: [1] is [-1]"),
-    ("service/api/uploads.py", "AddNot", "if error is None:",
-     "MultipartParser.finalize() is a no-op in python-multipart (0.0.34: a TODO to check the "
-     "end state one day); calling it or not changes nothing, and a body that ends inside a part "
-     "is caught by the service's own check right after"),
+    *[("service/api/uploads.py", op, "if error is None:",
+       "MultipartParser.finalize() is a no-op in python-multipart (0.0.34: a TODO to check the "
+       "end state one day); calling it or not changes nothing, and a body that ends inside a "
+       "part is caught by the service's own check right after")
+      for op in ("AddNot", "ReplaceComparisonOperator_Is_IsNot")],
     ("service/api/uploads.py", "ReplaceTrueWithFalse", "(staging / \"inputs\").mkdir(",
      "the staging folder is new for every request (upload_tmp_dir / a fresh job id), so its "
      "inputs folder never exists already"),

@@ -466,3 +466,33 @@ def test_a_lost_progress_write_or_cancel_poll_does_not_fail_the_stage(client, su
     writer.value = 0.5
     writer.flush()  # logged, not raised
     assert poll() is False  # not cancelled as far as anyone can tell; asked again later
+
+
+def test_compares_choice_gets_exactly_the_stage_attempts_of_its_own(client, submit, pipeline,
+                                                                    monkeypatch):
+    """The plan's claim of compare is not counted against the choice (its second claim): the
+    choice may be taken over from lost workers until it has itself been claimed
+    stage_max_attempts times."""
+    from datetime import timedelta
+
+    from service.jobs import pipeline as pl
+
+    from .test_fanout import BEFORE, COMPARE, METHODS
+
+    jid = submit(json.dumps(COMPARE))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    pipeline.step(jid, "compare", task_id="plan")
+    for m in METHODS:
+        pipeline.step(jid, f"compare:{m}", task_id=m)
+    pipeline.settings.stage_max_attempts = 2
+    later, stale = pl.utcnow(), timedelta(seconds=pipeline.settings.stage_stale_after_s + 1)
+    for k in range(2):  # each worker is lost: the next message takes the stale lease over
+        later += stale
+        monkeypatch.setattr(pl, "utcnow", lambda t=later: t)
+        assert isinstance(pipeline._claim(uuid.UUID(jid), "compare", f"choice-{k}"), pl._Claim)
+    later += stale
+    monkeypatch.setattr(pl, "utcnow", lambda t=later: t)
+    assert isinstance(pipeline._claim(uuid.UUID(jid), "compare", "choice-2"), pl._Skip)
+    job = _row(client, jid)
+    assert (job.status, job.error_code) == ("failed", "stage_attempts_exhausted")
