@@ -396,6 +396,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "stage progress yet may be 0 or -1 alike"),
     ("service/jobs/pipeline.py", "NumberReplacer", "for block in iter(lambda: f.read(",
      "harmless: the block size of the artifact hash's reads; the digest is the same"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "i.uri.rsplit(\"/\", 2)[-1]",
+     "the last of at most three pieces of the uri is the last of two: the same file name"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),

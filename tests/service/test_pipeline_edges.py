@@ -496,3 +496,10 @@ def test_compares_choice_gets_exactly_the_stage_attempts_of_its_own(client, subm
     assert isinstance(pipeline._claim(uuid.UUID(jid), "compare", "choice-2"), pl._Skip)
     job = _row(client, jid)
     assert (job.status, job.error_code) == ("failed", "stage_attempts_exhausted")
+
+
+def test_a_stage_fraction_outside_zero_to_one_counts_as_its_nearer_end():
+    stages = ["validate", "slice", "mine", "tune", "export", "evaluate"]
+    for i in range(len(stages)):
+        assert overall_progress(stages, i, -0.5) == overall_progress(stages, i, 0.0)
+        assert overall_progress(stages, i, 1.5) == overall_progress(stages, i, 1.0)
