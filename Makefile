@@ -31,9 +31,10 @@ demo: install $(DEMO)/subject/model.onnx
 prepare:
 	bash .ci/prepare
 
-# pytest's exit code 5 (no test collected) is a failure here, not a pass.
+# pytest's exit code 5 (no test collected) is a failure here, not a pass. --durations: the
+# slowest tests are named at the end of every run, so the suite's time stays in view.
 test: prepare install
-	$(PY) -m pytest -q tests; rc=$$?; \
+	$(PY) -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 serve: install
