@@ -119,6 +119,10 @@ def test_a_succeeded_job_reads_one_and_leaves_no_work_directory(client, submit, 
     job = _row(client, jid)
     assert (job.status, job.progress, job.stage_progress) == ("succeeded", 1.0, 1.0)
     assert not pipeline.workdir(jid).exists()  # scratch: everything is in the store
+    # each stage's row holds its place in the stage list (the order the job's runs are read in)
+    with client.app.state.ctx.factory() as s:
+        runs = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).order_by(StageRun.index)
+        assert [(r.name, r.index) for r in runs] == list(zip(job.stages, range(len(job.stages))))
 
 
 def test_a_progress_event_marks_each_tenth_of_a_stage(client, submit, pipeline):
