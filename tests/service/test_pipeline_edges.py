@@ -507,3 +507,30 @@ def test_a_stage_fraction_outside_zero_to_one_counts_as_its_nearer_end():
     for i in range(len(stages)):
         assert overall_progress(stages, i, -0.5) == overall_progress(stages, i, 0.0)
         assert overall_progress(stages, i, 1.5) == overall_progress(stages, i, 1.0)
+
+
+def test_compares_methods_move_it_only_part_way_the_choice_and_evaluation_are_the_rest(
+        client, submit, pipeline):
+    from .test_fanout import BEFORE, COMPARE
+
+    jid = submit(json.dumps(COMPARE))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    pipeline.step(jid, "compare", task_id="plan")
+    for m in ("dare", "at_fgsm", "at_pgd_online"):  # three of the four planned methods done
+        pipeline.step(jid, f"compare:{m}", task_id=m)
+    r = client.get(f"/v1/jobs/{jid}")
+    assert r.status_code == 200, r.text
+    stage = r.json()["stage"]
+    assert stage["name"] == "compare" and 0 < stage["progress"] < 1
+    job = _row(client, jid)
+    assert job.progress < overall_progress(job.stages, job.stages.index("compare") + 1, 0.0)
+
+
+def test_the_workers_pipeline_is_built_from_the_settings_it_is_given_or_the_environments(
+        settings, monkeypatch):
+    from service.jobs import pipeline as pl
+
+    assert pl.pipeline_from_settings(settings).settings is settings
+    monkeypatch.setattr(pl, "get_settings", lambda: settings)  # what the environment says
+    assert pl.pipeline_from_settings().settings is settings  # the worker passes none
