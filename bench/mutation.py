@@ -440,6 +440,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/api/uploads.py", "ReplaceTrueWithFalse", "(staging / \"inputs\").mkdir(",
      "the staging folder is new for every request (upload_tmp_dir / a fresh job id), so its "
      "inputs folder never exists already"),
+    ("worker/engine/attacks/cw.py", "ReplaceComparisonOperator_Lt_LtE", "(l2 <= best_l2)",
+     "differs only when a later iterate's squared L2 distance equals the best one's bitwise; "
+     "either is then a smallest-L2 adversarial example of the run"),
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "if s > -1 else xf > _MIN_MOVE",
      "s is 1.0 or -1.0: `s > -1` splits them as `s > 0` does"),
     ("worker/engine/attacks/jsma.py", "NumberReplacer", "if active.numel() == -1:",
