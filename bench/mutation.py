@@ -399,6 +399,22 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "harmless: the block size of the artifact hash's reads; the digest is the same"),
     ("service/jobs/pipeline.py", "NumberReplacer", "i.uri.rsplit(\"/\", 2)[-1]",
      "the last of at most three pieces of the uri is the last of two: the same file name"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "w = [STAGE_WEIGHTS.get(s, ",
+     "the default weight is never used: STAGE_WEIGHTS names every stage a job can have "
+     "(worker.engine.config.STAGES)"),
+    ("service/jobs/pipeline.py", "NumberReplacer", "return min( 2.0, done / sum(w))",
+     "done never exceeds sum(w): each stage's fraction is clamped to 1 the line before"),
+    ("service/jobs/pipeline.py", "ReplaceComparisonOperator_Lt_LtE",
+     "if index + 1 <= len(job.stages)",
+     "the last stage finished means the job succeeded, and a message for a finished job is "
+     "dropped before this line: index + 1 < len(stages) wherever it is reached"),
+    *[("service/jobs/pipeline.py", op, "run.worker if run is not None else None",
+       "a log line's content (the lost lease's new holder); run is never None there: a claimed "
+       "stage's row is never deleted while its job runs") for op in (
+        "AddNot", "ReplaceComparisonOperator_IsNot_Is")],
+    ("service/jobs/pipeline.py", "NumberReplacer", "self.value = -1.0",
+     "the writer flushes only from a progress call, which first raises value to the clamped "
+     "fraction (at least 0): the starting value is never written"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),

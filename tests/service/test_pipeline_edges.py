@@ -534,3 +534,83 @@ def test_the_workers_pipeline_is_built_from_the_settings_it_is_given_or_the_envi
     assert pl.pipeline_from_settings(settings).settings is settings
     monkeypatch.setattr(pl, "get_settings", lambda: settings)  # what the environment says
     assert pl.pipeline_from_settings().settings is settings  # the worker passes none
+
+
+def test_a_stage_finished_twice_under_one_task_id_publishes_once(client, submit, pipeline):
+    """A message redelivered with the same task id runs beside the first copy; whichever
+    finishes second finds the stage no longer running and publishes nothing."""
+    from service.store.models import JobEvent
+
+    jid = submit()
+    claim = pipeline._claim(uuid.UUID(jid), "validate", "same-task")
+    workdir = pipeline.workdir(jid)
+    (workdir / "artifacts").mkdir(parents=True)
+    assert pipeline._finish(claim, {}, 0.1, workdir) == ["slice"]
+    assert pipeline._finish(claim, {}, 0.2, workdir) == []
+    with client.app.state.ctx.factory() as s:
+        finished = s.query(JobEvent).filter(JobEvent.job_id == uuid.UUID(jid),
+                                            JobEvent.kind == "stage_finished").count()
+        run = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid),
+                                       StageRun.name == "validate").one()
+    assert (finished, run.duration_s) == (1, 0.1)
+
+
+def test_a_stage_finishing_while_its_cancel_is_being_ended_leaves_it_to_that(client, submit,
+                                                                            pipeline):
+    """The job is cancelling; another transaction (the reconciler, say) is ending the cancel
+    when the stage finishes: the stage re-reads the job under its lock and finds it done."""
+    jid = submit()
+    claim = pipeline._claim(uuid.UUID(jid), "validate", "t1")
+    assert client.post(f"/v1/jobs/{jid}/cancel").json()["status"] == "cancelling"
+    sent = _while_locked(client.app.state.ctx.factory, jid,
+                         lambda s, job: pipeline.cancel_locked(s, job, "validate"),
+                         lambda: pipeline._finish(claim, {}, 0.1, pipeline.workdir(jid)))
+    assert sent == [] and _row(client, jid).status == "cancelled"
+
+
+def test_a_method_finishing_while_a_cancel_commits_ends_the_job(client, submit, pipeline):
+    jid, claim = _claimed_method(client, submit, pipeline, "dare")
+    sent = _while_locked(client.app.state.ctx.factory, jid,
+                         lambda s, job: jobs.set_status(s, job, JobStatus.cancelling),
+                         lambda: pipeline._finish_part(claim, {"method": "dare"}, 0.1))
+    assert sent == [] and _row(client, jid).status == "cancelled"
+
+
+def test_one_failed_heartbeat_does_not_stop_the_renewals(client, submit, pipeline,
+                                                         monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from service.jobs import pipeline as pl
+
+    pipeline.settings.heartbeat_interval_s = 0.05
+    jid = submit()
+    claim = pipeline._claim(uuid.UUID(jid), "validate", "t1")
+    factory = client.app.state.ctx.factory
+    with factory() as s:
+        first = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one().heartbeat_at
+    calls = []
+    scope = pl.session_scope
+
+    def flaky(f):  # the database is away for the first renewal only
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE stage_runs", {}, Exception("connection reset"))
+        return scope(f)
+
+    monkeypatch.setattr(pl, "session_scope", flaky)
+    with _Heartbeat(pipeline, claim) as hb:
+        time.sleep(0.6)
+        assert hb._thread.is_alive() and len(calls) > 2
+    with factory() as s:
+        assert s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid)).one().heartbeat_at \
+            > first
+
+
+def test_the_one_chain_driver_refuses_a_fan_out_of_two(client, submit, pipeline):
+    from .test_fanout import BEFORE
+
+    jid = submit(json.dumps({"compare": True, "selection": {"methods": ["dare", "at_fgsm"]}}))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    with pytest.raises(ValueError, match="fanned out"):
+        pipeline.run(jid, "compare", task_id="plan")
