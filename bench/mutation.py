@@ -377,9 +377,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/api/uploads.py", "NumberReplacer", "DRAIN_BYTES = ",
      "harmless rather than equivalent: how much of a refused body is read away so the client "
      "sees the answer is a tuning constant (the cap itself is tested against the constant)"),
-    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "log.warning(\"could not delete %s\", uri",
-     "harmless: whether the warning about an object that could not be deleted carries the "
-     "traceback"),
+    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "exc_info=True)",
+     "harmless: whether a warning (an object that could not be deleted, a lost heartbeat, "
+     "progress write or cancel poll) carries its traceback"),
     ("service/jobs/pipeline.py", "NumberReplacer", "planned: int = ",
      "the default is never read: only a method's claim reads planned, and it is always made "
      "with the plan's count"),

@@ -426,13 +426,16 @@ def test_a_methods_progress_moves_compare_by_the_mean_over_every_planned_method(
         client, submit, pipeline):
     from service.jobs.pipeline import METHODS_SHARE
 
+    t0 = time.monotonic()
     jid, writer = _methods_running(client, submit, pipeline)
+    wall = time.monotonic() - t0
     writer.value = 0.5
     writer.flush()
     with client.app.state.ctx.factory() as s:
         dare = s.query(StageRun).filter(StageRun.job_id == uuid.UUID(jid),
                                         StageRun.name == "compare:dare").one()
     assert (dare.status, dare.progress) == (StageStatus.succeeded, 1.0)
+    assert 0 <= dare.duration_s <= wall
     job = _row(client, jid)
     assert job.stage_progress == METHODS_SHARE * (1.0 + 0.5) / 4  # 4 planned, 3 sent so far
     assert job.progress == overall_progress(job.stages, job.stages.index("compare"),
@@ -614,3 +617,18 @@ def test_the_one_chain_driver_refuses_a_fan_out_of_two(client, submit, pipeline)
         pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
     with pytest.raises(ValueError, match="fanned out"):
         pipeline.run(jid, "compare", task_id="plan")
+
+
+def test_compares_progress_does_not_go_back_when_a_method_finishes(client, submit, pipeline):
+    """Running methods' progress counts towards compare's; a method that finishes counts as one
+    done method, which may be less than the progress already shown: the larger one stays."""
+    from service.jobs.pipeline import _ProgressWriter
+
+    jid, fgsm = _methods_running(client, submit, pipeline)  # dare is done
+    pgd = pipeline._claim(uuid.UUID(jid), "compare:at_pgd_online", "pgd")
+    for writer in (fgsm, _ProgressWriter(pipeline, pgd)):
+        writer.value = 0.9
+        writer.flush()
+    shown = _row(client, jid).stage_progress  # (1 + 0.9 + 0.9) of 4 methods' share
+    pipeline._finish_part(pgd, {"method": "at_pgd_online"}, 0.1)  # two of four done
+    assert _row(client, jid).stage_progress == shown
