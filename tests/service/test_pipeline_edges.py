@@ -632,3 +632,53 @@ def test_compares_progress_does_not_go_back_when_a_method_finishes(client, submi
     shown = _row(client, jid).stage_progress  # (1 + 0.9 + 0.9) of 4 methods' share
     pipeline._finish_part(pgd, {"method": "at_pgd_online"}, 0.1)  # two of four done
     assert _row(client, jid).stage_progress == shown
+
+
+def test_each_release_of_methods_is_one_event_naming_them(client, submit, pipeline):
+    from service.store.models import JobEvent
+
+    from .test_fanout import BEFORE, COMPARE
+
+    jid = submit(json.dumps(COMPARE))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    for name in ("compare", "compare:at_fgsm", "compare:dare"):  # at_fgsm releases nothing
+        pipeline.step(jid, name, task_id=name)
+    with client.app.state.ctx.factory() as s:
+        events = s.query(JobEvent).filter(JobEvent.job_id == uuid.UUID(jid),
+                                          JobEvent.kind == "methods_sent").order_by(JobEvent.id)
+        sent = [e.data["methods"] for e in events]
+    assert sent == [["dare", "at_fgsm", "at_pgd_online"], ["weight_noise"]]
+
+
+def test_an_object_that_cannot_be_deleted_does_not_stop_the_others():
+    from service.jobs.pipeline import delete_objects
+
+    deleted = []
+
+    class Store:
+        def delete(self, uri: str) -> None:
+            if uri == "bad":
+                raise OSError(5, "Input/output error")
+            deleted.append(uri)
+
+    delete_objects(Store(), ["a", "bad", "b", "a"])
+    assert deleted == ["a", "b"]  # each once, and past the failure
+
+
+def test_progress_is_written_once_a_full_interval_has_passed(client, submit, pipeline,
+                                                             monkeypatch):
+    from service.jobs import pipeline as pl
+
+    pipeline.settings.progress_interval_s = 0.25
+    clock = types.SimpleNamespace(now=1.0)
+    monkeypatch.setattr(pl, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    jid = submit()
+    writer = pl._ProgressWriter(pipeline, pipeline._claim(uuid.UUID(jid), "validate", "t1"))
+    writes = []
+    monkeypatch.setattr(writer, "flush", lambda: writes.append(writer.value))
+    clock.now = 1.125
+    writer(0.1)
+    clock.now = 1.25  # exactly one interval after the writer started
+    writer(0.2)
+    assert writes == [0.2]
