@@ -415,6 +415,14 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("service/jobs/pipeline.py", "NumberReplacer", "self.value = -1.0",
      "the writer flushes only from a progress call, which first raises value to the clamped "
      "fraction (at least 0): the starting value is never written"),
+    ("service/jobs/pipeline.py", "ReplaceAndWithOr", "if not messages or self.workdir(",
+     "only adds a status read: with messages to send the job goes on (nothing is removed), and "
+     "removing a work directory that is not there is a no-op"),
+    *[("service/jobs/pipeline.py", "NumberReplacer", f"StageStatus.waiting, {p}, 0",
+       "the compare row's own progress while it waits is read by nothing (the stage's progress "
+       "comes from its methods' rows, and the choice's claim sets it to 0)") for p in ("-1.0", "1.0")],
+    ("service/jobs/pipeline.py", "NumberReplacer", "max( 0, c.planned)",
+     "a plan has at least one method (an empty selection is refused), so planned >= 1"),
     ("service/jobs/pipeline.py", "NumberReplacer", "self.last = 0.0",
      "the cancel poll's 'never polled' mark: time.monotonic() is seconds since boot, far above "
      "the poll interval, so 1.0 or -1.0 also makes the first call poll"),

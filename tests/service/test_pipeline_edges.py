@@ -682,3 +682,18 @@ def test_progress_is_written_once_a_full_interval_has_passed(client, submit, pip
     clock.now = 1.25  # exactly one interval after the writer started
     writer(0.2)
     assert writes == [0.2]
+
+
+def test_a_single_methods_progress_is_all_of_the_methods_share(client, submit, pipeline):
+    from service.jobs.pipeline import METHODS_SHARE, _ProgressWriter
+
+    from .test_fanout import BEFORE
+
+    jid = submit(json.dumps({"compare": True, "selection": {"methods": ["at_fgsm"]}}))
+    for stage in BEFORE:
+        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    assert pipeline.step(jid, "compare", task_id="plan") == ["compare:at_fgsm"]
+    writer = _ProgressWriter(pipeline, pipeline._claim(uuid.UUID(jid), "compare:at_fgsm", "m"))
+    writer.value = 0.5
+    writer.flush()
+    assert _row(client, jid).stage_progress == METHODS_SHARE * 0.5
