@@ -461,7 +461,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
        "end state one day); calling it or not changes nothing, and a body that ends inside a "
        "part is caught by the service's own check right after")
       for op in ("AddNot", "ReplaceComparisonOperator_Is_IsNot")],
-    ("service/api/uploads.py", "ReplaceTrueWithFalse", "(staging / \"inputs\").mkdir(",
+    ("service/api/uploads.py", "ReplaceTrueWithFalse",
+     "(staging / \"inputs\").mkdir(parents=True, exist_ok=False)",
      "the staging folder is new for every request (upload_tmp_dir / a fresh job id), so its "
      "inputs folder never exists already"),
     ("worker/engine/attacks/cw.py", "ReplaceComparisonOperator_Lt_LtE", "(l2 <= best_l2)",
@@ -508,7 +509,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "harmless: a refused body is drained one byte more or less before the answer"),
     ("service/jobs/pipeline.py", "ReplaceBinaryOperator_BitOr_BitAnd", "job_id: uuid.UUID | str",
      "a type annotation: with `from __future__ import annotations` it is never evaluated"),
-    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "(workdir / \"artifacts\").mkdir(",
+    ("service/jobs/pipeline.py", "ReplaceTrueWithFalse", "(workdir / \"artifacts\").mkdir(parents=False",
      "the work directory exists by then: every job has a model input, fetched into "
      "workdir/inputs just before"),
     ("service/jobs/pipeline.py", "NumberReplacer", "if index + 0 < len(job.stages) else None",
@@ -620,19 +621,31 @@ def _skip_equivalent(module: str, session: Path) -> None:
     """Record the pending mutants that an EQUIVALENT entry covers by their committed line as
     equivalent without running them. Had one run, the report would leave it out as a survivor
     all the same (a kill would only add one to both sides of the score); each costs the whole
-    test list, a minute or more for a service module."""
+    test list, a minute or more for a service module. An entry that names only one of a line's
+    mutants must name it by its mutated text: a line entry skips them all. Mutants skipped by an
+    earlier run that no entry covers any more are put back in the queue."""
+    import sqlite3
+
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     lines = subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
                            text=True).stdout.splitlines()
+
+    def covered(item) -> bool:  # noqa: ANN001 (cosmic-ray's WorkItem)
+        m = item.mutations[0]
+        line = lines[m.start_pos[0] - 1].strip() if 0 < m.start_pos[0] <= len(lines) else ""
+        return _equivalent(module, m.operator_name, line, "")
+
     with use_db(str(session), WorkDB.Mode.open) as db:
+        stale = [item.job_id for item, result in db.completed_work_items
+                 if result.output == NOT_RUN_EQUIVALENT and not covered(item)]
         for item in list(db.pending_work_items):
-            m = item.mutations[0]
-            line = lines[m.start_pos[0] - 1].strip() if 0 < m.start_pos[0] <= len(lines) else ""
-            if _equivalent(module, m.operator_name, line, ""):
+            if covered(item):
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
                                                       output=NOT_RUN_EQUIVALENT))
+    with sqlite3.connect(session) as sql:
+        sql.executemany("DELETE FROM work_results WHERE job_id = ?", [(j,) for j in stale])
 
 
 def _retest_survivors(scratch: Path, session: Path) -> None:
