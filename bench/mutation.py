@@ -22,6 +22,7 @@ bench/results/mutation.md, with the mutants judged equivalent (EQUIVALENT) left 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -600,11 +601,17 @@ def _config(module: str, tests: list[str], timeout: float, sock: Path | None = N
             f'# kept: [{ops}]\n')
 
 
+@functools.lru_cache(maxsize=None)
+def _committed_lines(module: str) -> tuple[str, ...]:
+    """The module as HEAD holds it (the scratch copy may hold a live mutant right now); read once
+    per module, not once per mutant."""
+    return tuple(subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
+                                text=True).stdout.splitlines())
+
+
 def _mutated_line(module: str, start: tuple[int, int]) -> str:
-    """The line as committed (the scratch copy may hold a live mutant right now)."""
-    text = subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
-                          text=True).stdout
-    lines = text.splitlines()
+    """The line as committed."""
+    lines = _committed_lines(module)
     return lines[start[0] - 1].strip() if 0 < start[0] <= len(lines) else ""
 
 
@@ -629,13 +636,9 @@ def _skip_equivalent(module: str, session: Path) -> None:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
-    lines = subprocess.run(["git", "show", f"HEAD:{module}"], cwd=REPO, capture_output=True,
-                           text=True).stdout.splitlines()
-
     def covered(item) -> bool:  # noqa: ANN001 (cosmic-ray's WorkItem)
         m = item.mutations[0]
-        line = lines[m.start_pos[0] - 1].strip() if 0 < m.start_pos[0] <= len(lines) else ""
-        return _equivalent(module, m.operator_name, line, "")
+        return _equivalent(module, m.operator_name, _mutated_line(module, m.start_pos), "")
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         stale = [item.job_id for item, result in db.completed_work_items

@@ -59,8 +59,9 @@ def client_job(ctx, jid: str) -> Job:
         return s.get(Job, uuid.UUID(jid))
 
 
-def _to_compare(pipeline: Pipeline, submit) -> str:
-    jid = submit(json.dumps(COMPARE))
+def _to_compare(pipeline: Pipeline, submit, config: dict = COMPARE) -> str:
+    """A compare job submitted with ``config`` and run up to its compare stage."""
+    jid = submit(json.dumps(config))
     for stage in BEFORE:
         pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
     return jid

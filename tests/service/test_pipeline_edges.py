@@ -17,6 +17,7 @@ from service.jobs.pipeline import _Claim, _Heartbeat, overall_progress
 from service.states import JobStatus, StageStatus
 from service.store.models import Job, StageRun
 
+from .test_fanout import METHODS, _to_compare
 from .test_pipeline import pipeline  # noqa: F401 (fixture)
 
 
@@ -187,11 +188,7 @@ def test_a_stage_taken_over_from_a_lost_worker_starts_again_at_zero(client, subm
 
 
 def test_the_methods_a_plan_or_a_method_releases_start_queued_at_zero(client, submit, pipeline):
-    from .test_fanout import BEFORE, COMPARE
-
-    jid = submit(json.dumps(COMPARE))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit)
     factory = client.app.state.ctx.factory
 
     def released(by: str) -> dict[str, tuple]:
@@ -227,11 +224,7 @@ def test_an_artifact_a_later_stage_rewrites_is_published_with_its_new_bytes(clie
 
 
 def _claimed_method(client, submit, pipeline, method: str):
-    from .test_fanout import BEFORE, COMPARE
-
-    jid = submit(json.dumps(COMPARE))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit)
     pipeline.step(jid, "compare", task_id="plan")
     return jid, pipeline._claim(uuid.UUID(jid), f"compare:{method}", f"{method}-task")
 
@@ -411,11 +404,7 @@ def _methods_running(client, submit, pipeline):
     dare): dare has finished and at_fgsm is claimed. -> (job id, at_fgsm's progress writer)."""
     from service.jobs.pipeline import _ProgressWriter
 
-    from .test_fanout import BEFORE, COMPARE
-
-    jid = submit(json.dumps(COMPARE))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit)
     pipeline.step(jid, "compare", task_id="plan")
     pipeline.step(jid, "compare:dare", task_id="dare")
     claim = pipeline._claim(uuid.UUID(jid), "compare:at_fgsm", "fgsm")
@@ -484,11 +473,7 @@ def test_compares_choice_gets_exactly_the_stage_attempts_of_its_own(client, subm
 
     from service.jobs import pipeline as pl
 
-    from .test_fanout import BEFORE, COMPARE, METHODS
-
-    jid = submit(json.dumps(COMPARE))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit)
     pipeline.step(jid, "compare", task_id="plan")
     for m in METHODS:
         pipeline.step(jid, f"compare:{m}", task_id=m)
@@ -514,11 +499,7 @@ def test_a_stage_fraction_outside_zero_to_one_counts_as_its_nearer_end():
 
 def test_compares_methods_move_it_only_part_way_the_choice_and_evaluation_are_the_rest(
         client, submit, pipeline):
-    from .test_fanout import BEFORE, COMPARE
-
-    jid = submit(json.dumps(COMPARE))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit)
     pipeline.step(jid, "compare", task_id="plan")
     for m in ("dare", "at_fgsm", "at_pgd_online"):  # three of the four planned methods done
         pipeline.step(jid, f"compare:{m}", task_id=m)
@@ -610,11 +591,8 @@ def test_one_failed_heartbeat_does_not_stop_the_renewals(client, submit, pipelin
 
 
 def test_the_one_chain_driver_refuses_a_fan_out_of_two(client, submit, pipeline):
-    from .test_fanout import BEFORE
-
-    jid = submit(json.dumps({"compare": True, "selection": {"methods": ["dare", "at_fgsm"]}}))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit,
+                      {"compare": True, "selection": {"methods": ["dare", "at_fgsm"]}})
     with pytest.raises(ValueError, match="fanned out"):
         pipeline.run(jid, "compare", task_id="plan")
 
@@ -637,11 +615,7 @@ def test_compares_progress_does_not_go_back_when_a_method_finishes(client, submi
 def test_each_release_of_methods_is_one_event_naming_them(client, submit, pipeline):
     from service.store.models import JobEvent
 
-    from .test_fanout import BEFORE, COMPARE
-
-    jid = submit(json.dumps(COMPARE))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit)
     for name in ("compare", "compare:at_fgsm", "compare:dare"):  # at_fgsm releases nothing
         pipeline.step(jid, name, task_id=name)
     with client.app.state.ctx.factory() as s:
@@ -687,11 +661,8 @@ def test_progress_is_written_once_a_full_interval_has_passed(client, submit, pip
 def test_a_single_methods_progress_is_all_of_the_methods_share(client, submit, pipeline):
     from service.jobs.pipeline import METHODS_SHARE, _ProgressWriter
 
-    from .test_fanout import BEFORE
-
-    jid = submit(json.dumps({"compare": True, "selection": {"methods": ["at_fgsm"]}}))
-    for stage in BEFORE:
-        pipeline.run(jid, stage, task_id=str(uuid.uuid4()))
+    jid = _to_compare(pipeline, submit,
+                      {"compare": True, "selection": {"methods": ["at_fgsm"]}})
     assert pipeline.step(jid, "compare", task_id="plan") == ["compare:at_fgsm"]
     writer = _ProgressWriter(pipeline, pipeline._claim(uuid.UUID(jid), "compare:at_fgsm", "m"))
     writer.value = 0.5
